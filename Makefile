@@ -1,0 +1,37 @@
+# `make demo` and `make test` do all the set-up on a fresh machine (Python 3.10+ with venv).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch first, so nothing pulls the CUDA wheels
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dalle run jobs/demo.yaml
+	$(VENV)/bin/dalle status jobs/demo.yaml
+
+test: install lint
+	$(PY) -m pytest -q --durations=10
+
+lint: install
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix pipeline tests benchmarks
+	$(VENV)/bin/ruff format pipeline tests benchmarks
+
+bench: install
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf runs .pytest_cache

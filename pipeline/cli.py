@@ -1,0 +1,147 @@
+"""`dalle`: the command line.
+
+    dalle run RECIPE [key=value ...] [--force STAGE] [--until STAGE] [--address ADDR]
+    dalle status RECIPE [key=value ...] [--json]
+
+User mistakes (bad recipe, bad input, output written by another recipe) print one line and exit
+with code 2; a stage whose shards failed exits with 1 (rerun to retry them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+
+from pipeline.config import RecipeError, load_recipe
+from pipeline.ledger import FingerprintMismatch
+from pipeline.schemas import SchemaError
+from pipeline.stages.base import InputError
+
+USER_ERRORS = (RecipeError, InputError, FingerprintMismatch, SchemaError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dalle", description="DALL·E training pipeline on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe's stages, resuming from their ledgers")
+    run.add_argument("recipe", help="recipe YAML (jobs/*.yaml)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. filter.shard_size=500")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="redo STAGE and everything downstream of it (repeatable)",
+    )
+    run.add_argument("--until", metavar="STAGE", help="stop after STAGE")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+    status = sub.add_parser("status", help="each stage's state, shards and counts")
+    status.add_argument("recipe")
+    status.add_argument("overrides", nargs="*")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _when(ts: float | None) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def print_status(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="stages")
+    for col in (
+        "stage",
+        "state",
+        "shards",
+        "samples in",
+        "samples out",
+        "drops / failures by reason",
+        "failed",
+        "last update",
+    ):
+        table.add_column(col)
+    for r in rows:
+        total = "?" if r["shards_total"] is None else r["shards_total"]
+        reasons = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v) or "-"
+        table.add_row(
+            r["stage"],
+            r["state"],
+            f"{r['shards_done']}/{total}",
+            str(r["samples_in"]),
+            str(r["samples_out"]),
+            reasons,
+            str(r["failures"]),
+            _when(r["last_update"]),
+        )
+    Console(width=max(120, Console().width)).print(table)
+    for r in rows:
+        for example in r["failure_examples"]:
+            print(f"  {r['stage']} failed shard {example}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline import workflow
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    results = workflow.run(
+        recipe,
+        force=args.force,
+        until=args.until,
+        address=address,
+        show_progress=not args.no_progress,
+        worker_logs=args.verbose,
+    )
+    for name, stats in results.items():
+        drops = ", ".join(f"{k} {v}" for k, v in stats.get("counts", {}).items() if v) or "none"
+        print(
+            f"{name}: {stats.get('samples_in')} in, {stats.get('samples_out')} out "
+            f"({drops}) in {stats.get('seconds', 0):.1f} s"
+        )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline import workflow
+
+    rows = workflow.status(load_recipe(args.recipe, args.overrides))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_status(rows)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pipeline.executor import StageFailed
+
+    try:
+        return {"run": _run, "status": _status}[args.command](args)
+    except USER_ERRORS as err:
+        print(f"dalle: error: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        print(f"dalle: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dalle: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

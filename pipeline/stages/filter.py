@@ -1,0 +1,193 @@
+"""filter: raw shards → the paper's caption/image rules, dedup → fixed-size filtered shards.
+
+Three phases, each resumable:
+1. scan (a Ray task per raw shard, ledger `_scan/`): per-sample facts (caption and image rules,
+   sha256, perceptual hash) → `_scan/<shard>.parquet`.
+2. decide (driver): dedup across all shards in key order (URL, caption+image hash, near-duplicate
+   perceptual hash), then the survivors, sorted by key, are cut into shards of `shard_size`.
+   Deterministic, so a rerun after a crash makes the same plan.
+3. write (a Ray task per output shard, the stage ledger): copy the chosen samples' bytes into
+   `<shard>.tar` + `<shard>.parquet`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import storage
+from pipeline.config import FilterConfig
+from pipeline.data.shards import iter_samples, write_tar
+from pipeline.executor import ShardTask, run_tasks
+from pipeline.ledger import Ledger, ShardRecord, checksum_files
+from pipeline.schemas import FILTER_FACTS, FILTERED_MANIFEST, validate_table
+from pipeline.stages.base import RunContext, Stage
+from pipeline.stages.filter_rules import REASONS, LanguageID, SampleFacts, dedup, phash64, sample_reason
+
+
+def _facts_row(sample: dict, source: str, cfg: FilterConfig, langid: LanguageID) -> dict[str, Any]:
+    from PIL import Image
+
+    meta = json.loads(sample["json"])
+    caption = sample.get("txt", b"").decode("utf-8", errors="replace")
+    width, height = meta.get("original_width"), meta.get("original_height")
+    reason = sample_reason(caption, width, height, cfg, langid)
+    with Image.open(io.BytesIO(sample["jpg"])) as img:
+        phash = phash64(img)
+    return {
+        "key": sample["__key__"],
+        "url": meta.get("url") or "",
+        "caption": caption,
+        "sha256": meta.get("sha256"),
+        "phash": phash,
+        "original_width": width,
+        "original_height": height,
+        "source_shard": source,
+        "reason": reason,
+    }
+
+
+def scan_shard(payload: dict[str, Any]) -> ShardRecord:
+    """Phase 1 task: the facts of one raw shard."""
+    started = time.monotonic()
+    cfg = FilterConfig.model_validate(payload["cfg"])
+    ledger = Ledger(payload["scan_url"])
+    langid = LanguageID()
+    rows = [_facts_row(s, payload["shard"], cfg, langid) for s in iter_samples(payload["tar"])]
+    table = pa.Table.from_pylist(rows, schema=FILTER_FACTS.append(pa.field("reason", pa.string())))
+    validate_table(table, FILTER_FACTS, f"filter scan of {payload['tar']}")
+    name = f"{payload['shard']}.parquet"
+    tmp = storage.join(ledger.tmp_dir(payload["shard"], uuid.uuid4().hex[:8]), name)
+    storage.write_parquet(tmp, table)
+    storage.move(tmp, ledger.path(name))
+    counts = {r: 0 for r in REASONS}
+    for reason in table["reason"].to_pylist():
+        if reason is not None:
+            counts[reason] += 1
+    record = ShardRecord(
+        shard=payload["shard"],
+        samples_in=table.num_rows,
+        samples_out=table.num_rows - sum(counts.values()),
+        files=(name,),
+        checksum=checksum_files([ledger.path(name)]),
+        fingerprint=payload["fingerprint"],
+        counts=counts,
+        seconds=time.monotonic() - started,
+    )
+    ledger.commit(record)
+    return record
+
+
+def write_shard(payload: dict[str, Any]) -> ShardRecord:
+    """Phase 3 task: copy the kept samples (already in key order) into one output shard."""
+    started = time.monotonic()
+    ledger = Ledger(payload["stage_url"])
+    wanted = {key: i for i, key in enumerate(payload["keys"])}
+    picked: list[dict | None] = [None] * len(wanted)
+    for tar in payload["sources"]:
+        for sample in iter_samples(tar):
+            if sample["__key__"] in wanted:
+                picked[wanted[sample["__key__"]]] = sample
+    missing = [k for k, i in wanted.items() if picked[i] is None]
+    if missing:
+        raise RuntimeError(
+            f"filter shard {payload['shard']}: {len(missing)} planned samples not found, e.g. {missing[0]}"
+        )
+    manifest = pa.Table.from_pylist([payload["manifest"][k] for k in payload["keys"]], schema=FILTERED_MANIFEST)
+    validate_table(manifest, FILTERED_MANIFEST, f"filter shard {payload['shard']} manifest")
+    tmp = ledger.tmp_dir(payload["shard"], uuid.uuid4().hex[:8])
+    files = [f"{payload['shard']}.tar", f"{payload['shard']}.parquet"]
+    write_tar(storage.join(tmp, files[0]), ({m: s[m] for m in ("__key__", "jpg", "txt", "json")} for s in picked))
+    storage.write_parquet(storage.join(tmp, files[1]), manifest)
+    for file in files:
+        storage.move(storage.join(tmp, file), storage.join(payload["stage_url"], file))
+    storage.remove_tree(tmp)
+    record = ShardRecord(
+        shard=payload["shard"],
+        samples_in=len(wanted),
+        samples_out=len(wanted),
+        files=tuple(files),
+        checksum=checksum_files([storage.join(payload["stage_url"], f) for f in files]),
+        fingerprint=payload["fingerprint"],
+        seconds=time.monotonic() - started,
+    )
+    ledger.commit(record)
+    return record
+
+
+class FilterStage(Stage):
+    name = "filter"
+    config_key = "filter"
+    upstream = ("ingest",)
+
+    def _raw_shards(self) -> dict[str, str]:
+        """Raw shard id → tar URL, from ingest's ledger only."""
+        ingest = self.upstream_url("ingest")
+        return {s: storage.join(ingest, r.files[0]) for s, r in sorted(Ledger(ingest).done().items())}
+
+    def decisions(self, facts: pa.Table) -> dict[str, str | None]:
+        """Key → drop reason (None = kept): per-sample reasons from the scan, then dedup."""
+        reasons = dict(zip(facts["key"].to_pylist(), facts["reason"].to_pylist()))
+        survivors = facts.filter(pc.is_null(facts["reason"])).select(list(SampleFacts.__dataclass_fields__))
+        reasons.update(dedup([SampleFacts(**row) for row in survivors.to_pylist()], self.cfg))
+        return reasons
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        cfg: FilterConfig = self.cfg
+        raw = self._raw_shards()
+        scan = Ledger(storage.join(self.url, "_scan"))
+        common = {"cfg": cfg.model_dump(mode="json"), "fingerprint": ctx.fingerprint.digest}
+        scan_tasks = [ShardTask(s, {**common, "shard": s, "tar": tar, "scan_url": scan.root}) for s, tar in raw.items()]
+        records = run_tasks(
+            scan,
+            scan_tasks,
+            scan_shard,
+            label="filter (scan)",
+            progress=ctx.progress,
+            num_cpus=self.recipe.ray.cpus_per_task,
+        )
+        facts = pa.concat_tables([storage.read_parquet(scan.path(r.files[0])) for r in records.values()])
+        decisions = self.decisions(facts)
+        kept = sorted(k for k, reason in decisions.items() if reason is None)
+        by_key = {row["key"]: row for row in facts.drop_columns(["reason"]).to_pylist()}
+        shards = [kept[i : i + cfg.shard_size] for i in range(0, len(kept), cfg.shard_size)]
+        self.write_plan(len(shards), samples=len(kept))
+        tasks = []
+        for i, keys in enumerate(shards):
+            sources = sorted({by_key[k]["source_shard"] for k in keys})
+            tasks.append(
+                ShardTask(
+                    f"{i:05d}",
+                    {
+                        "shard": f"{i:05d}",
+                        "keys": keys,
+                        "sources": [raw[s] for s in sources],
+                        "manifest": {k: by_key[k] for k in keys},
+                        "stage_url": self.url,
+                        "fingerprint": ctx.fingerprint.digest,
+                    },
+                )
+            )
+        run_tasks(
+            self.ledger,
+            tasks,
+            write_shard,
+            label=self.name,
+            progress=ctx.progress,
+            num_cpus=self.recipe.ray.cpus_per_task,
+        )
+        counts = {r: 0 for r in REASONS}
+        for reason in decisions.values():
+            if reason is not None:
+                counts[reason] += 1
+        storage.write_parquet(
+            storage.join(self.url, "_decisions.parquet"),
+            pa.table({"key": list(decisions), "reason": list(decisions.values())}),
+        )
+        return {"shards": len(shards), "samples_in": len(decisions), "samples_out": len(kept), "counts": counts}

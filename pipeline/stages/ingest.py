@@ -1,0 +1,231 @@
+"""ingest: URL lists → raw webdataset shards (`jpg`, `txt`, `json`) + per-shard parquet + stats.
+
+img2dataset does the downloading: each shard task runs img2dataset's `Downloader` on one shard
+of the normalised URL list (the same unit img2dataset's own Ray distributor schedules), writing
+into a temporary folder; the task then moves the tar, parquet and stats to their final names and
+commits the shard in our ledger. That ledger replaces img2dataset's incremental mode, which trusts
+any `_stats.json` it finds, including those of half-written shards.
+
+Planning normalises the URL lists (or the synthetic set) once into `_input/<shard>.parquet`,
+so a resumed run downloads exactly the rows the first run planned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.config import IngestConfig
+from pipeline.data.url_lists import inspect_url_lists, read_url_list, shard_table
+from pipeline.executor import ShardTask, run_tasks
+from pipeline.ledger import ShardRecord, checksum_files
+from pipeline.schemas import RAW_MANIFEST, validate_table
+from pipeline.stages.base import InputError, RunContext, Stage
+
+log = logging.getLogger(__name__)
+
+# Ingest failure reasons: every URL-list row is a success or exactly one of these.
+FAILURES = ("http_4xx", "http_5xx", "connection_error", "timeout", "decode_error", "disallowed", "other")
+
+
+def classify_error(message: str | None) -> str:
+    """Maps an img2dataset error message to one of FAILURES."""
+    m = (message or "").lower()
+    if m.startswith("http error 4"):
+        return "http_4xx"
+    if m.startswith("http error 5"):
+        return "http_5xx"
+    if "timed out" in m or "timeout" in m:
+        return "timeout"
+    if "refused" in m or "urlopen error" in m or "connection" in m or "name or service" in m:
+        return "connection_error"
+    if "decod" in m or "cannot identify" in m or "truncated" in m:
+        return "decode_error"
+    if "disallowed" in m:
+        return "disallowed"
+    return "other"
+
+
+def shard_name(shard_id: int, digits: int) -> str:
+    return f"{shard_id:0{digits}d}"
+
+
+def _downloader(cfg: IngestConfig, output_folder: str, columns: list[str], digits: int):
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    resizer = Resizer(
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        resize_only_if_bigger=False,
+        encode_quality=cfg.encode_quality,
+        encode_format="jpg",
+    )
+    return Downloader(
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=cfg.threads,
+        save_caption=True,
+        extract_exif=True,
+        output_folder=output_folder,
+        column_list=columns,
+        timeout=cfg.timeout_s,
+        number_sample_per_shard=cfg.shard_size,
+        oom_shard_count=digits,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format="jpg",
+        retries=cfg.retries,
+        user_agent_token=None,
+        disallowed_header_directives={"noai", "noimageai", "noindex", "noimageindex"},
+    )
+
+
+def ingest_shard(payload: dict[str, Any]) -> ShardRecord:
+    """One shard task (runs in a Ray worker): download, check, move into place, commit."""
+    started = time.monotonic()
+    cfg = IngestConfig.model_validate(payload["cfg"])
+    stage_url, shard_id, digits = payload["stage_url"], payload["shard_id"], payload["digits"]
+    name = shard_name(shard_id, digits)
+    from pipeline.ledger import Ledger
+
+    ledger = Ledger(stage_url)
+    tmp = ledger.tmp_dir(name, uuid.uuid4().hex[:8])
+    storage.makedirs(tmp)
+    table = storage.read_parquet(payload["input"])
+    feather = storage.join(tmp, "input.feather")
+    fs, feather_path = storage.get_fs(feather)
+    with fs.open(feather_path, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    _downloader(cfg, tmp, table.column_names, digits).download_shard((shard_id, feather))
+
+    manifest = storage.read_parquet(storage.join(tmp, f"{name}.parquet"))
+    validate_table(manifest, RAW_MANIFEST, f"ingest shard {name} parquet")
+    counts = {reason: 0 for reason in FAILURES}
+    successes = 0
+    for status, error in zip(manifest["status"].to_pylist(), manifest["error_message"].to_pylist()):
+        if status == "success":
+            successes += 1
+        else:
+            counts[classify_error(error)] += 1
+    if manifest.num_rows != table.num_rows or successes + sum(counts.values()) != table.num_rows:
+        raise RuntimeError(f"ingest shard {name}: {table.num_rows} rows in, {manifest.num_rows} accounted for")
+
+    files = [f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"]
+    for file in files:
+        storage.move(storage.join(tmp, file), storage.join(stage_url, file))
+    storage.remove_tree(tmp)
+    record = ShardRecord(
+        shard=name,
+        samples_in=table.num_rows,
+        samples_out=successes,
+        files=tuple(files),
+        checksum=checksum_files([storage.join(stage_url, f) for f in files]),
+        fingerprint=payload["fingerprint"],
+        counts=counts,
+        seconds=time.monotonic() - started,
+    )
+    ledger.commit(record)
+    return record
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    config_key = "ingest"
+
+    def inspect_inputs(self) -> dict[str, Any]:
+        cfg: IngestConfig = self.cfg
+        if cfg.synthetic is not None:
+            return {}
+        return {"url_lists": inspect_url_lists(cfg.url_lists, cfg.url_col, cfg.caption_col, cfg.extra_cols)}
+
+    def _input_url(self, *parts: str) -> str:
+        return storage.join(self.url, "_input", *parts)
+
+    def _write_input(self, table: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
+        """Writes the normalised URL list as one parquet per shard; `_input/_plan.json` last."""
+        shards = shard_table(table, self.cfg.shard_size)
+        digits = max(5, math.ceil(math.log10(len(shards) + 1)))
+        for i, part in enumerate(shards):
+            storage.write_parquet(self._input_url(f"{shard_name(i, digits)}.parquet"), part)
+        info = {"shards": len(shards), "rows": table.num_rows, "digits": digits, "columns": table.column_names, **extra}
+        storage.write_json(self._input_url("_plan.json"), info)
+        return info
+
+    def _url_table(self) -> pa.Table:
+        cfg: IngestConfig = self.cfg
+        tables = [read_url_list(u, cfg.url_col, cfg.caption_col, cfg.extra_cols) for u in cfg.url_lists]
+        return pa.concat_tables(tables)
+
+    @contextlib.contextmanager
+    def _source(self):
+        """The normalised input's plan; for the synthetic set, with its server running."""
+        info = storage.read_json_or_none(self._input_url("_plan.json"))
+        synthetic = self.cfg.synthetic
+        if synthetic is None:
+            yield info or self._write_input(self._url_table(), {})
+            return
+        from pipeline.data.server import LoopbackServer, dead_url
+        from pipeline.data.synthetic import generate, url_list_rows
+
+        dataset = generate(synthetic)
+        port = info["port"] if info else synthetic.port
+        try:
+            server = LoopbackServer(dataset.files, port=port, latency_s=synthetic.latency_ms / 1000)
+            server.start()
+        except OSError as err:
+            raise InputError(
+                f"ingest.synthetic: cannot serve on 127.0.0.1:{port} ({err}); free the port or use --force ingest"
+            ) from None
+        try:
+            if info is None:
+                rows = url_list_rows(dataset, server.url, dead_url())
+                table = pa.Table.from_pylist(
+                    [{"url": r["url"], "caption": r["caption"], "truth": r["truth"]} for r in rows]
+                )
+                extra = {"port": server.port, "expect": [r["expect"] for r in rows], "kind": [r["kind"] for r in rows]}
+                info = self._write_input(table, extra)
+            yield info
+        finally:
+            server.stop()
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        with self._source() as info:
+            self.write_plan(info["shards"], rows=info["rows"])
+            digits = info["digits"]
+            tasks = [
+                ShardTask(
+                    shard_name(i, digits),
+                    {
+                        "cfg": self.cfg.model_dump(mode="json"),
+                        "stage_url": self.url,
+                        "shard_id": i,
+                        "digits": digits,
+                        "input": self._input_url(f"{shard_name(i, digits)}.parquet"),
+                        "fingerprint": ctx.fingerprint.digest,
+                    },
+                )
+                for i in range(info["shards"])
+            ]
+            records = run_tasks(
+                self.ledger,
+                tasks,
+                ingest_shard,
+                label=self.name,
+                progress=ctx.progress,
+                num_cpus=self.recipe.ray.cpus_per_task,
+                max_retries=self.cfg.max_task_retries,
+            )
+        counts = {reason: sum(r.counts.get(reason, 0) for r in records.values()) for reason in FAILURES}
+        samples_in = sum(r.samples_in for r in records.values())
+        samples_out = sum(r.samples_out for r in records.values())
+        assert samples_out + sum(counts.values()) == samples_in == info["rows"], "ingest lost rows"
+        return {"shards": len(records), "samples_in": samples_in, "samples_out": samples_out, "counts": counts}

@@ -1,0 +1,89 @@
+"""text-tokenizer: filtered captions → `tokenizer.json` (one task, committed like a shard)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.config import TextTokenizerConfig
+from pipeline.executor import ShardTask, run_tasks
+from pipeline.ledger import Ledger, ShardRecord, checksum_files
+from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.text_tokenizer import TextTokenizer, train_tokenizer
+
+SHARD = "tokenizer"
+
+
+def filtered_captions(filter_url: str) -> list[str]:
+    """Every filtered caption, in key order (so training is deterministic)."""
+    rows: list[tuple[str, str]] = []
+    for record in Ledger(filter_url).done().values():
+        manifest = storage.read_parquet(storage.join(filter_url, record.files[1]))
+        rows.extend(zip(manifest["key"].to_pylist(), manifest["caption"].to_pylist()))
+    return [caption for _, caption in sorted(rows)]
+
+
+def train_task(payload: dict[str, Any]) -> ShardRecord:
+    started = time.monotonic()
+    cfg = TextTokenizerConfig.model_validate(payload["cfg"])
+    captions = filtered_captions(payload["filter_url"])
+    if not captions:
+        raise InputError(f"text-tokenizer: {payload['filter_url']} holds no captions to train on")
+    tok = train_tokenizer(captions, cfg)
+    ledger = Ledger(payload["stage_url"])
+    tmp = storage.join(ledger.tmp_dir(SHARD, uuid.uuid4().hex[:8]), "tokenizer.json")
+    storage.write_atomic(tmp, tok.to_str(pretty=True).encode())
+    final = storage.join(payload["stage_url"], "tokenizer.json")
+    storage.move(tmp, final)
+    text = TextTokenizer(tok, cfg.text_len)
+    lengths = np.array([len(text.ids(c)) for c in captions])
+    record = ShardRecord(
+        shard=SHARD,
+        samples_in=len(captions),
+        samples_out=text.vocab_size,
+        files=("tokenizer.json",),
+        checksum=checksum_files([final]),
+        fingerprint=payload["fingerprint"],
+        counts={"truncated": int((lengths > cfg.text_len).sum())},
+        seconds=time.monotonic() - started,
+    )
+    ledger.commit(record)
+    return record
+
+
+class TextTokenizerStage(Stage):
+    name = "text-tokenizer"
+    config_key = "text_tokenizer"
+    upstream = ("filter",)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        self.write_plan(1)
+        payload = {
+            "cfg": self.cfg.model_dump(mode="json"),
+            "filter_url": self.upstream_url("filter"),
+            "stage_url": self.url,
+            "fingerprint": ctx.fingerprint.digest,
+        }
+        record = run_tasks(
+            self.ledger,
+            [ShardTask(SHARD, payload)],
+            train_task,
+            label=self.name,
+            progress=ctx.progress,
+            num_cpus=self.recipe.ray.cpus_per_task,
+        )[SHARD]
+        text = TextTokenizer.load(storage.join(self.url, "tokenizer.json"), self.cfg.text_len)
+        sample = filtered_captions(self.upstream_url("filter"))[:1000]
+        mean_tokens = float(np.mean([len(text.ids(c)) for c in sample])) if sample else 0.0
+        return {
+            "shards": 1,
+            "samples_in": record.samples_in,
+            "samples_out": 1,
+            "vocab_size": text.vocab_size,
+            "mean_tokens": round(mean_tokens, 2),
+            "counts": record.counts,
+        }

@@ -1,0 +1,137 @@
+"""The stage DAG and its execution: fingerprint checks first, then each stage in order on Ray.
+
+Before any work, every selected stage's fingerprint (config + input identity + upstream
+fingerprints) is compared with the one kept beside its output; a mismatch is refused unless the
+stage is forced. `--force STAGE` clears that stage and everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any
+
+import ray
+
+from pipeline import storage
+from pipeline.config import Recipe
+from pipeline.ledger import Fingerprint
+from pipeline.progress import StageProgress
+from pipeline.stages.base import InputError, RunContext, Stage
+
+log = logging.getLogger(__name__)
+
+# Stage name -> "module:Class", in an order that respects the DAG; imported lazily.
+STAGES: dict[str, str] = {
+    "ingest": "pipeline.stages.ingest:IngestStage",
+    "filter": "pipeline.stages.filter:FilterStage",
+    "text-tokenizer": "pipeline.stages.text_tokenizer:TextTokenizerStage",
+}
+
+
+def stage_name(text: str) -> str:
+    """Accepts `text_tokenizer` or `text-tokenizer`; raises InputError for unknown names."""
+    name = text.replace("_", "-")
+    if name not in STAGES:
+        raise InputError(f"unknown stage '{text}'; stages are: {', '.join(STAGES)}")
+    return name
+
+
+def stage_class(name: str) -> type[Stage]:
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_stages(recipe: Recipe) -> list[Stage]:
+    output_dir = storage.absolute(recipe.output_dir)
+    return [stage_class(name)(recipe, output_dir) for name in STAGES]
+
+
+def downstream(stages: list[Stage], roots: set[str]) -> set[str]:
+    """`roots` and every stage that reads from them, directly or not."""
+    out = set(roots)
+    for stage in stages:  # STAGES is in DAG order, so one pass suffices
+        if out.intersection(stage.upstream):
+            out.add(stage.name)
+    return out
+
+
+def fingerprints(stages: list[Stage]) -> dict[str, Fingerprint]:
+    """Each stage's fingerprint; inspects external inputs (raises InputError), writes nothing."""
+    fps: dict[str, Fingerprint] = {}
+    for stage in stages:
+        inputs = stage.inspect_inputs()
+        fps[stage.name] = stage.fingerprint({u: fps[u].digest for u in stage.upstream}, inputs)
+    return fps
+
+
+def plan(recipe: Recipe, force: list[str] = (), until: str | None = None) -> tuple[list[Stage], dict, set[str]]:
+    """The stages to run, their fingerprints and the set to clear; refuses mismatches."""
+    stages = build_stages(recipe)
+    if until is not None:
+        last = [s.name for s in stages].index(stage_name(until))
+        stages = stages[: last + 1]
+    forced = downstream(stages, {stage_name(f) for f in force})
+    fps = fingerprints(stages)
+    for stage in stages:
+        if stage.name not in forced:
+            stage.ledger.check(fps[stage.name], stage.name)
+    return stages, fps, forced
+
+
+# Environment of every Ray worker: img2dataset imports albumentations, whose import-time update
+# check would reach for the network.
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> None:
+    """Connects to `address` (or the recipe's), else starts a local Ray in this process.
+
+    Worker output is not echoed unless `worker_logs`: task failures reach the user as one line
+    each from the executor, and the full logs stay in Ray's session folder."""
+    if ray.is_initialized():
+        return
+    address = address or recipe.ray.address
+    common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
+
+
+def run(
+    recipe: Recipe,
+    force: list[str] = (),
+    until: str | None = None,
+    address: str | None = None,
+    show_progress: bool = True,
+    worker_logs: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Runs the recipe's stages (resuming from their ledgers); returns each stage's stats."""
+    stages, fps, forced = plan(recipe, force, until)
+    for stage in stages:
+        if stage.name in forced:
+            log.info("clearing %s (forced)", stage.url)
+            storage.remove_tree(stage.url)
+    init_ray(recipe, address, worker_logs)
+    results: dict[str, dict[str, Any]] = {}
+    with StageProgress(enabled=show_progress) as progress:
+        for stage in stages:
+            if stage.is_done():
+                results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
+                progress.start(stage.name, total=1, done=1)
+                continue
+            stage.ledger.claim(fps[stage.name], stage.name)
+            stage.ledger.clear_tmp()
+            started = time.monotonic()
+            stats = stage.run(RunContext(progress=progress, fingerprint=fps[stage.name]))
+            stage.write_done(stats, time.monotonic() - started)
+            results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
+            log.info("%s done in %.1f s: %s", stage.name, time.monotonic() - started, stats)
+    return results
+
+
+def status(recipe: Recipe) -> list[dict[str, Any]]:
+    """Each stage's status, read from its folder (no Ray needed)."""
+    return [stage.status() for stage in build_stages(recipe)]

@@ -1,0 +1,97 @@
+"""Recipe validation: every recipe in jobs/ loads; bad recipes fail with one line naming the field."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import Recipe, RecipeError, apply_overrides, build_recipe, load_recipe
+
+JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"))
+BASE = {"name": "t", "output_dir": "/tmp/x", "ingest": {"url_lists": ["a.parquet"]}}
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_every_recipe_in_jobs_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.name == path.stem
+
+
+def test_demo_recipe_is_synthetic_and_small():
+    recipe = load_recipe(Path("jobs/demo.yaml"))
+    assert recipe.ingest.synthetic is not None
+    assert recipe.ingest.synthetic.count <= 2000
+
+
+def test_defaults_are_the_papers():
+    r = build_recipe(BASE)
+    assert (r.filter.min_aspect_ratio, r.filter.max_aspect_ratio) == (0.5, 2.0)
+    assert r.filter.languages == ("en",)
+    assert (r.text_tokenizer.vocab_size, r.text_tokenizer.text_len, r.text_tokenizer.bpe_dropout) == (16384, 256, 0.1)
+    assert r.text_tokenizer.lowercase
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"filter": {"shard_sise": 3}}, "field 'filter.shard_sise': unknown key"),
+        ({"filter": {"shard_size": "many"}}, "field 'filter.shard_size': Input should be a valid integer"),
+        ({"filter": {"shard_size": 0}}, "field 'filter.shard_size': Input should be greater than or equal to 1"),
+        ({"filter": {"min_aspect_ratio": 3.0}}, "field 'filter': min_aspect_ratio is above max_aspect_ratio"),
+        ({"filter": {"boilerplate_patterns": ["(unclosed"]}}, "is not a regex"),
+        ({"ingest": {"url_lists": []}}, "field 'ingest': give either url_lists or synthetic"),
+        ({"ingest": {"url_lists": ["a.csv"], "synthetic": {}}}, "give url_lists or synthetic, not both"),
+        ({"ingest": {"url_lists": ["a.csv"], "resize_mode": "stretch"}}, "field 'ingest.resize_mode'"),
+        ({"name": ""}, "field 'name'"),
+    ],
+)
+def test_bad_values_name_the_field(patch, expected):
+    data = {**BASE, **patch}
+    with pytest.raises(RecipeError) as info:
+        build_recipe(data, "r.yaml")
+    message = str(info.value)
+    assert expected in message
+    assert message.startswith("r.yaml: ")
+    assert "\n" not in message
+
+
+def test_missing_section_is_named():
+    with pytest.raises(RecipeError, match="field 'ingest': Field required"):
+        build_recipe({"name": "t", "output_dir": "/x"}, "r.yaml")
+
+
+def test_overrides_apply_typed_values():
+    data = apply_overrides(BASE, ["filter.shard_size=500", "filter.languages=[en, de]", "ray.address=null"])
+    r = build_recipe(data)
+    assert r.filter.shard_size == 500
+    assert r.filter.languages == ("en", "de")
+    assert r.ray.address is None
+    assert "filter" not in BASE  # the original is not modified
+
+
+def test_bad_override_is_refused():
+    with pytest.raises(RecipeError, match="expected key=value"):
+        apply_overrides(BASE, ["filter.shard_size"])
+    with pytest.raises(RecipeError, match="'name' is not a section"):
+        apply_overrides(BASE, ["name.x=1"])
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ningest: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: not valid YAML at line \d"):
+        load_recipe(path)
+
+
+def test_recipe_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="a recipe must be a mapping"):
+        load_recipe(path)
+
+
+def test_configs_are_frozen():
+    r = build_recipe(BASE)
+    with pytest.raises(ValidationError, match="frozen"):
+        r.filter.shard_size = 3  # type: ignore[misc]
