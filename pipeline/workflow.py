@@ -69,10 +69,11 @@ def fingerprints(stages: list[Stage]) -> dict[str, Fingerprint]:
 def plan(recipe: Recipe, force: list[str] = (), until: str | None = None) -> tuple[list[Stage], dict, set[str]]:
     """The stages to run, their fingerprints and the set to clear; refuses mismatches."""
     stages = build_stages(recipe)
+    # forcing clears downstream stages even past --until: their outputs would be stale
+    forced = downstream(stages, {stage_name(f) for f in force})
     if until is not None:
         last = [s.name for s in stages].index(stage_name(until))
         stages = stages[: last + 1]
-    forced = downstream(stages, {stage_name(f) for f in force})
     fps = fingerprints(stages)
     for stage in stages:
         if stage.name not in forced:
@@ -110,7 +111,7 @@ def run(
 ) -> dict[str, dict[str, Any]]:
     """Runs the recipe's stages (resuming from their ledgers); returns each stage's stats."""
     stages, fps, forced = plan(recipe, force, until)
-    for stage in stages:
+    for stage in build_stages(recipe):
         if stage.name in forced:
             log.info("clearing %s (forced)", stage.url)
             storage.remove_tree(stage.url)

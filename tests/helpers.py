@@ -1,0 +1,122 @@
+"""Shared helpers: run the real `dalle` CLI, SIGKILL a run with everything it started, and read
+a stage's committed output for comparisons."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import storage
+from pipeline.data.shards import iter_samples
+from pipeline.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_recipe(path: Path, output_dir: Path, **synthetic) -> Path:
+    """The demo recipe at test size, written to `path`."""
+    data = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    data["output_dir"] = str(output_dir)
+    data["ingest"]["synthetic"].update({"count": 160, **synthetic})
+    data["ingest"]["shard_size"] = 20
+    data["filter"]["shard_size"] = 16
+    data["text_tokenizer"]["vocab_size"] = 600
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def dalle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def kill_run_when(args: list[str], ready, timeout: float = 240) -> None:
+    """Starts `dalle ARGS` in its own session, waits until `ready()` is true, then SIGKILLs every
+    process of that session (the driver, Ray's daemons and workers), as a machine crash would."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point")
+            if time.monotonic() > deadline:
+                pytest.fail("the kill point was never reached")
+            time.sleep(0.01)
+    finally:
+        for _ in range(20):
+            pids = _session_pids(proc.pid)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        proc.wait()
+
+
+def committed(stage_dir: Path) -> list[str]:
+    return sorted(Ledger(str(stage_dir)).done())
+
+
+def sample_digests(stage_dir: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """key → {member: sha256} over the committed tars of a stage, and the keys seen twice."""
+    seen: dict[str, dict[str, str]] = {}
+    counts: collections.Counter = collections.Counter()
+    for record in Ledger(str(stage_dir)).done().values():
+        tar = [f for f in record.files if f.endswith(".tar")][0]
+        for sample in iter_samples(storage.join(str(stage_dir), tar)):
+            key = sample.pop("__key__")
+            counts[key] += 1
+            seen[key] = {m: hashlib.sha256(v).hexdigest() for m, v in sample.items()}
+    return seen, [k for k, n in counts.items() if n > 1]
+
+
+def compare_stage(got_dir: Path, ref_dir: Path) -> dict[str, int]:
+    """Missing, duplicated and differing samples of `got_dir` against the reference run."""
+    got, dups = sample_digests(got_dir)
+    ref, _ = sample_digests(ref_dir)
+    return {
+        "missing": len(ref.keys() - got.keys()),
+        "extra": len(got.keys() - ref.keys()),
+        "duplicate": len(dups),
+        "different": sum(1 for k in ref.keys() & got.keys() if got[k] != ref[k]),
+        "samples": len(got),
+    }
