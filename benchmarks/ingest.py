@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     args = ap.parse_args()
 
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its update check reaches for the network
     import img2dataset
 
     from pipeline import workflow

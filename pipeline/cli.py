@@ -72,7 +72,7 @@ def print_status(rows: list[dict]) -> None:
         table.add_column(col)
     for r in rows:
         total = "?" if r["shards_total"] is None else r["shards_total"]
-        reasons = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v) or "-"
+        reasons = "\n".join(f"{k} {v}" for k, v in r["counts"].items() if v) or "-"
         table.add_row(
             r["stage"],
             r["state"],
@@ -83,7 +83,7 @@ def print_status(rows: list[dict]) -> None:
             str(r["failures"]),
             _when(r["last_update"]),
         )
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(130, Console().width)).print(table)
     for r in rows:
         for example in r["failure_examples"]:
             print(f"  {r['stage']} failed shard {example}")

@@ -138,6 +138,16 @@ class FilterStage(Stage):
         reasons.update(dedup([SampleFacts(**row) for row in survivors.to_pylist()], self.cfg))
         return reasons
 
+    def status(self) -> dict[str, Any]:
+        """While the stage runs, the scan phase's per-sample drop counts (dedup comes after it)."""
+        status = super().status()
+        if status["state"] != "complete":
+            scan = Ledger(storage.join(self.url, "_scan")).done().values()
+            status["scanned_shards"] = len(scan)
+            status["counts"] = {r: sum(rec.counts.get(r, 0) for rec in scan) for r in REASONS}
+            status["samples_in"] = sum(rec.samples_in for rec in scan)
+        return status
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cfg: FilterConfig = self.cfg
         raw = self._raw_shards()

@@ -1,0 +1,112 @@
+"""The CLI on bad inputs: one line naming the field or file, exit code 2, nothing written; and a
+real URL list (tsv with LAION-style column names) through ingest and filter."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from helpers import dalle
+
+from pipeline.config import SyntheticConfig
+from pipeline.data.shards import iter_samples
+from pipeline.data.server import LoopbackServer, dead_url
+from pipeline.data.synthetic import generate, url_list_rows
+
+
+def recipe_for(tmp_path, url_lists, **ingest):
+    data = {
+        "name": "t",
+        "output_dir": str(tmp_path / "out"),
+        "ray": {"num_cpus": 2},
+        "ingest": {"url_lists": [str(u) for u in url_lists], "image_size": 64, "shard_size": 50, **ingest},
+        "filter": {"min_image_size": 32, "shard_size": 50},
+        "text_tokenizer": {"vocab_size": 400, "text_len": 32},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dalle: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_empty_url_list(tmp_path):
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\n")
+    result = dalle("run", str(recipe_for(tmp_path, [urls])))
+    assert_user_error(result, str(urls), "no rows")
+    assert not (tmp_path / "out").exists()
+
+
+def test_url_list_without_the_caption_column(tmp_path):
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "text": ["a red circle"]}), urls)
+    result = dalle("run", str(recipe_for(tmp_path, [urls])))
+    assert_user_error(result, str(urls), "no column 'caption'", "ingest.caption_col", "columns: url, text")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_url_list_file(tmp_path):
+    result = dalle("run", str(recipe_for(tmp_path, [tmp_path / "nope.tsv"])))
+    assert_user_error(result, "nope.tsv", "file not found")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("name: t\noutput_dir: OUT\ningest: {synthetic: {}}\nfliter: {}\n", "field 'fliter': unknown key"),
+        ("name: t\noutput_dir: OUT\ningest: {synthetic: {count: -5}}\n", "field 'ingest.synthetic.count'"),
+        ("name: t\noutput_dir: OUT\ningest: {synthetic: {}\n", "not valid YAML"),
+    ],
+)
+def test_malformed_recipe(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("OUT", str(tmp_path / "out")))
+    for command in ("run", "status"):
+        assert_user_error(dalle(command, str(path)), str(path), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_override_and_unknown_stage(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: t\noutput_dir: {tmp_path / 'out'}\ningest: {{synthetic: {{}}}}\n")
+    assert_user_error(dalle("run", str(path), "filter.shard_size=zero"), "field 'filter.shard_size'")
+    assert_user_error(dalle("run", str(path), "--until", "encode"), "unknown stage 'encode'")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_real_url_list_with_laion_column_names(tmp_path):
+    dataset = generate(SyntheticConfig(count=80, seed=3))
+    with LoopbackServer(dataset.files) as server:
+        rows = url_list_rows(dataset, server.url, dead_url())
+        urls = tmp_path / "laion.tsv"
+        table = pa.table({"URL": [r["url"] for r in rows], "TEXT": [r["caption"] for r in rows],
+                          "LICENSE": ["cc-by"] * len(rows)})
+        pacsv.write_csv(table, urls, pacsv.WriteOptions(delimiter="\t"))
+        recipe = recipe_for(tmp_path, [urls], url_col="URL", caption_col="TEXT", extra_cols=["LICENSE"])
+        result = dalle("run", str(recipe), "--until", "filter", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    ingest = json.loads((tmp_path / "out" / "ingest" / "_done.json").read_text())
+    assert ingest["samples_in"] == len(rows)
+    assert ingest["samples_out"] + sum(ingest["counts"].values()) == len(rows)
+    failures = sum(1 for r in rows if r["expect"] in ("connection_error", "http_4xx", "http_5xx", "decode_error",
+                                                      "truncated"))
+    assert sum(ingest["counts"].values()) == failures
+    manifest = pq.read_table(tmp_path / "out" / "filter" / "00000.parquet")
+    assert manifest.num_rows > 0
+    meta = json.loads(next(iter_samples(str(tmp_path / "out" / "filter" / "00000.tar")))["json"])
+    assert meta["LICENSE"] == "cc-by" and meta["caption"] in {r["caption"] for r in rows}
+    assert not (tmp_path / "out" / "text-tokenizer").exists()
