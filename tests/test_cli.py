@@ -13,8 +13,8 @@ import yaml
 from helpers import dalle
 
 from pipeline.config import SyntheticConfig
-from pipeline.data.shards import iter_samples
 from pipeline.data.server import LoopbackServer, dead_url
+from pipeline.data.shards import iter_samples
 from pipeline.data.synthetic import generate, url_list_rows
 
 
@@ -93,8 +93,9 @@ def test_a_real_url_list_with_laion_column_names(tmp_path):
     with LoopbackServer(dataset.files) as server:
         rows = url_list_rows(dataset, server.url, dead_url())
         urls = tmp_path / "laion.tsv"
-        table = pa.table({"URL": [r["url"] for r in rows], "TEXT": [r["caption"] for r in rows],
-                          "LICENSE": ["cc-by"] * len(rows)})
+        table = pa.table(
+            {"URL": [r["url"] for r in rows], "TEXT": [r["caption"] for r in rows], "LICENSE": ["cc-by"] * len(rows)}
+        )
         pacsv.write_csv(table, urls, pacsv.WriteOptions(delimiter="\t"))
         recipe = recipe_for(tmp_path, [urls], url_col="URL", caption_col="TEXT", extra_cols=["LICENSE"])
         result = dalle("run", str(recipe), "--until", "filter", "--no-progress")
@@ -102,8 +103,9 @@ def test_a_real_url_list_with_laion_column_names(tmp_path):
     ingest = json.loads((tmp_path / "out" / "ingest" / "_done.json").read_text())
     assert ingest["samples_in"] == len(rows)
     assert ingest["samples_out"] + sum(ingest["counts"].values()) == len(rows)
-    failures = sum(1 for r in rows if r["expect"] in ("connection_error", "http_4xx", "http_5xx", "decode_error",
-                                                      "truncated"))
+    failures = sum(
+        1 for r in rows if r["expect"] in ("connection_error", "http_4xx", "http_5xx", "decode_error", "truncated")
+    )
     assert sum(ingest["counts"].values()) == failures
     manifest = pq.read_table(tmp_path / "out" / "filter" / "00000.parquet")
     assert manifest.num_rows > 0

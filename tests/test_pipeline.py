@@ -11,12 +11,12 @@ import math
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from helpers import committed, compare_stage, dalle, free_port, kill_run_when, small_recipe
 
 from pipeline import storage
 from pipeline.ledger import Ledger
 from pipeline.stages.ingest import FAILURES
 from pipeline.text_tokenizer import TextTokenizer
-from helpers import committed, compare_stage, dalle, free_port, kill_run_when, small_recipe
 
 pytestmark = pytest.mark.slow
 
