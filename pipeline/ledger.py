@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,8 +112,38 @@ class Ledger:
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 
-    def tmp_dir(self, shard: str, attempt: str) -> str:
-        return self.path("_tmp", f"{shard}.{attempt}")
+    def attempt_dir(self, shard: str) -> str:
+        """A fresh folder for one attempt at a shard (two attempts never share one)."""
+        return self.path("_tmp", f"{shard}.{uuid.uuid4().hex[:8]}")
+
+    def commit_files(
+        self,
+        shard: str,
+        attempt: str,
+        files: list[str],
+        *,
+        samples_in: int,
+        samples_out: int,
+        fingerprint: str,
+        started: float,
+        counts: dict | None = None,
+    ) -> ShardRecord:
+        """Moves `files` from the attempt folder into the stage folder, then commits the record."""
+        for name in files:
+            storage.move(storage.join(attempt, name), self.path(name))
+        storage.remove_tree(attempt)
+        record = ShardRecord(
+            shard=shard,
+            samples_in=samples_in,
+            samples_out=samples_out,
+            files=tuple(files),
+            checksum=checksum_files([self.path(name) for name in files]),
+            fingerprint=fingerprint,
+            counts=counts or {},
+            seconds=time.monotonic() - started,
+        )
+        self.commit(record)
+        return record
 
     # -- fingerprint --------------------------------------------------------------------------
     def check(self, fp: Fingerprint, label: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -25,7 +24,7 @@ from pipeline import storage
 from pipeline.config import FilterConfig
 from pipeline.data.shards import iter_samples, write_tar
 from pipeline.executor import ShardTask, run_tasks
-from pipeline.ledger import Ledger, ShardRecord, checksum_files
+from pipeline.ledger import Ledger, ShardRecord
 from pipeline.schemas import FILTER_FACTS, FILTERED_MANIFEST, validate_table
 from pipeline.stages.base import RunContext, Stage
 from pipeline.stages.filter_rules import REASONS, LanguageID, SampleFacts, dedup, phash64, sample_reason
@@ -63,25 +62,22 @@ def scan_shard(payload: dict[str, Any]) -> ShardRecord:
     table = pa.Table.from_pylist(rows, schema=FILTER_FACTS.append(pa.field("reason", pa.string())))
     validate_table(table, FILTER_FACTS, f"filter scan of {payload['tar']}")
     name = f"{payload['shard']}.parquet"
-    tmp = storage.join(ledger.tmp_dir(payload["shard"], uuid.uuid4().hex[:8]), name)
-    storage.write_parquet(tmp, table)
-    storage.move(tmp, ledger.path(name))
+    tmp = ledger.attempt_dir(payload["shard"])
+    storage.write_parquet(storage.join(tmp, name), table)
     counts = {r: 0 for r in REASONS}
     for reason in table["reason"].to_pylist():
         if reason is not None:
             counts[reason] += 1
-    record = ShardRecord(
-        shard=payload["shard"],
+    return ledger.commit_files(
+        payload["shard"],
+        tmp,
+        [name],
         samples_in=table.num_rows,
         samples_out=table.num_rows - sum(counts.values()),
-        files=(name,),
-        checksum=checksum_files([ledger.path(name)]),
         fingerprint=payload["fingerprint"],
+        started=started,
         counts=counts,
-        seconds=time.monotonic() - started,
     )
-    ledger.commit(record)
-    return record
 
 
 def write_shard(payload: dict[str, Any]) -> ShardRecord:
@@ -101,24 +97,19 @@ def write_shard(payload: dict[str, Any]) -> ShardRecord:
         )
     manifest = pa.Table.from_pylist([payload["manifest"][k] for k in payload["keys"]], schema=FILTERED_MANIFEST)
     validate_table(manifest, FILTERED_MANIFEST, f"filter shard {payload['shard']} manifest")
-    tmp = ledger.tmp_dir(payload["shard"], uuid.uuid4().hex[:8])
+    tmp = ledger.attempt_dir(payload["shard"])
     files = [f"{payload['shard']}.tar", f"{payload['shard']}.parquet"]
     write_tar(storage.join(tmp, files[0]), ({m: s[m] for m in ("__key__", "jpg", "txt", "json")} for s in picked))
     storage.write_parquet(storage.join(tmp, files[1]), manifest)
-    for file in files:
-        storage.move(storage.join(tmp, file), storage.join(payload["stage_url"], file))
-    storage.remove_tree(tmp)
-    record = ShardRecord(
-        shard=payload["shard"],
+    return ledger.commit_files(
+        payload["shard"],
+        tmp,
+        files,
         samples_in=len(wanted),
         samples_out=len(wanted),
-        files=tuple(files),
-        checksum=checksum_files([storage.join(payload["stage_url"], f) for f in files]),
         fingerprint=payload["fingerprint"],
-        seconds=time.monotonic() - started,
+        started=started,
     )
-    ledger.commit(record)
-    return record
 
 
 class FilterStage(Stage):

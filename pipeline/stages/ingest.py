@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import time
-import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -25,7 +24,7 @@ from pipeline import storage
 from pipeline.config import IngestConfig
 from pipeline.data.url_lists import inspect_url_lists, read_url_list, shard_table
 from pipeline.executor import ShardTask, run_tasks
-from pipeline.ledger import ShardRecord, checksum_files
+from pipeline.ledger import ShardRecord
 from pipeline.schemas import RAW_MANIFEST, validate_table
 from pipeline.stages.base import InputError, RunContext, Stage
 
@@ -98,7 +97,7 @@ def ingest_shard(payload: dict[str, Any]) -> ShardRecord:
     from pipeline.ledger import Ledger
 
     ledger = Ledger(stage_url)
-    tmp = ledger.tmp_dir(name, uuid.uuid4().hex[:8])
+    tmp = ledger.attempt_dir(name)
     storage.makedirs(tmp)
     table = storage.read_parquet(payload["input"])
     feather = storage.join(tmp, "input.feather")
@@ -119,22 +118,16 @@ def ingest_shard(payload: dict[str, Any]) -> ShardRecord:
     if manifest.num_rows != table.num_rows or successes + sum(counts.values()) != table.num_rows:
         raise RuntimeError(f"ingest shard {name}: {table.num_rows} rows in, {manifest.num_rows} accounted for")
 
-    files = [f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"]
-    for file in files:
-        storage.move(storage.join(tmp, file), storage.join(stage_url, file))
-    storage.remove_tree(tmp)
-    record = ShardRecord(
-        shard=name,
+    return ledger.commit_files(
+        name,
+        tmp,
+        [f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"],
         samples_in=table.num_rows,
         samples_out=successes,
-        files=tuple(files),
-        checksum=checksum_files([storage.join(stage_url, f) for f in files]),
         fingerprint=payload["fingerprint"],
+        started=started,
         counts=counts,
-        seconds=time.monotonic() - started,
     )
-    ledger.commit(record)
-    return record
 
 
 class IngestStage(Stage):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import TextTokenizerConfig
 from pipeline.executor import ShardTask, run_tasks
-from pipeline.ledger import Ledger, ShardRecord, checksum_files
+from pipeline.ledger import Ledger, ShardRecord
 from pipeline.stages.base import InputError, RunContext, Stage
 from pipeline.text_tokenizer import TextTokenizer, train_tokenizer
 
@@ -35,24 +34,20 @@ def train_task(payload: dict[str, Any]) -> ShardRecord:
         raise InputError(f"text-tokenizer: {payload['filter_url']} holds no captions to train on")
     tok = train_tokenizer(captions, cfg)
     ledger = Ledger(payload["stage_url"])
-    tmp = storage.join(ledger.tmp_dir(SHARD, uuid.uuid4().hex[:8]), "tokenizer.json")
-    storage.write_atomic(tmp, tok.to_str(pretty=True).encode())
-    final = storage.join(payload["stage_url"], "tokenizer.json")
-    storage.move(tmp, final)
+    tmp = ledger.attempt_dir(SHARD)
+    storage.write_atomic(storage.join(tmp, "tokenizer.json"), tok.to_str(pretty=True).encode())
     text = TextTokenizer(tok, cfg.text_len)
     lengths = np.array([len(text.ids(c)) for c in captions])
-    record = ShardRecord(
-        shard=SHARD,
+    return ledger.commit_files(
+        SHARD,
+        tmp,
+        ["tokenizer.json"],
         samples_in=len(captions),
         samples_out=text.vocab_size,
-        files=("tokenizer.json",),
-        checksum=checksum_files([final]),
         fingerprint=payload["fingerprint"],
+        started=started,
         counts={"truncated": int((lengths > cfg.text_len).sum())},
-        seconds=time.monotonic() - started,
     )
-    ledger.commit(record)
-    return record
 
 
 class TextTokenizerStage(Stage):
