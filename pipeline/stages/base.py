@@ -7,12 +7,14 @@ shard tasks, hands them to `pipeline.executor.run_tasks`, and summarises.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pipeline import storage
 from pipeline.config import Recipe
-from pipeline.ledger import Fingerprint, Ledger
+from pipeline.executor import ShardTask, run_tasks
+from pipeline.ledger import Fingerprint, Ledger, ShardRecord
 from pipeline.progress import StageProgress
 
 
@@ -37,10 +39,6 @@ class Stage:
     """Recipe section (`text_tokenizer`)."""
     upstream: ClassVar[tuple[str, ...]] = ()
     """Stages whose output this one reads."""
-    num_cpus: ClassVar[float] = 1.0
-    """CPUs one shard task asks for."""
-    num_gpus: ClassVar[float] = 0.0
-    """GPUs one shard task asks for."""
 
     def __init__(self, recipe: Recipe, output_dir: str):
         self.recipe = recipe
@@ -51,6 +49,27 @@ class Stage:
 
     def upstream_url(self, name: str) -> str:
         return storage.join(self.output_dir, name)
+
+    def run_shards(
+        self,
+        ctx: RunContext,
+        tasks: list[ShardTask],
+        fn: Callable[[Any], ShardRecord],
+        ledger: Ledger | None = None,
+        label: str | None = None,
+        max_retries: int = 2,
+    ) -> dict[str, ShardRecord]:
+        """Runs shard tasks on Ray (each asking for the recipe's `ray.cpus_per_task`), skipping
+        those in `ledger` (the stage's own by default)."""
+        return run_tasks(
+            ledger or self.ledger,
+            tasks,
+            fn,
+            label=label or self.name,
+            progress=ctx.progress,
+            num_cpus=self.recipe.ray.cpus_per_task,
+            max_retries=max_retries,
+        )
 
     def inspect_inputs(self) -> dict[str, Any]:
         """Checks external inputs without writing anything; returns their identity (for the

@@ -19,20 +19,34 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from pipeline import storage
 from pipeline.config import FilterConfig
 from pipeline.data.shards import iter_samples, write_tar
-from pipeline.executor import ShardTask, run_tasks
+from pipeline.executor import ShardTask
 from pipeline.ledger import Ledger, ShardRecord
 from pipeline.schemas import FILTER_FACTS, FILTERED_MANIFEST, validate_table
 from pipeline.stages.base import RunContext, Stage
-from pipeline.stages.filter_rules import REASONS, LanguageID, SampleFacts, dedup, phash64, sample_reason
+from pipeline.stages.filter_rules import (
+    REASONS,
+    LanguageID,
+    SampleFacts,
+    count_reasons,
+    dedup,
+    phash64,
+    sample_reason,
+)
+
+
+def drop_counts(decisions: dict[str, str | None]) -> dict[str, int]:
+    """Samples per drop reason (every reason, zeros included)."""
+    counts = count_reasons(decisions)
+    del counts["kept"]
+    return counts
 
 
 def _facts_row(sample: dict, source: str, cfg: FilterConfig, langid: LanguageID) -> dict[str, Any]:
-    from PIL import Image
-
     meta = json.loads(sample["json"])
     caption = sample.get("txt", b"").decode("utf-8", errors="replace")
     width, height = meta.get("original_width"), meta.get("original_height")
@@ -64,10 +78,7 @@ def scan_shard(payload: dict[str, Any]) -> ShardRecord:
     name = f"{payload['shard']}.parquet"
     tmp = ledger.attempt_dir(payload["shard"])
     storage.write_parquet(storage.join(tmp, name), table)
-    counts = {r: 0 for r in REASONS}
-    for reason in table["reason"].to_pylist():
-        if reason is not None:
-            counts[reason] += 1
+    counts = drop_counts(dict(zip(table["key"].to_pylist(), table["reason"].to_pylist())))
     return ledger.commit_files(
         payload["shard"],
         tmp,
@@ -145,14 +156,7 @@ class FilterStage(Stage):
         scan = Ledger(storage.join(self.url, "_scan"))
         common = {"cfg": cfg.model_dump(mode="json"), "fingerprint": ctx.fingerprint.digest}
         scan_tasks = [ShardTask(s, {**common, "shard": s, "tar": tar, "scan_url": scan.root}) for s, tar in raw.items()]
-        records = run_tasks(
-            scan,
-            scan_tasks,
-            scan_shard,
-            label="filter (scan)",
-            progress=ctx.progress,
-            num_cpus=self.recipe.ray.cpus_per_task,
-        )
+        records = self.run_shards(ctx, scan_tasks, scan_shard, ledger=scan, label="filter (scan)")
         facts = pa.concat_tables([storage.read_parquet(scan.path(r.files[0])) for r in records.values()])
         decisions = self.decisions(facts)
         kept = sorted(k for k, reason in decisions.items() if reason is None)
@@ -175,20 +179,10 @@ class FilterStage(Stage):
                     },
                 )
             )
-        run_tasks(
-            self.ledger,
-            tasks,
-            write_shard,
-            label=self.name,
-            progress=ctx.progress,
-            num_cpus=self.recipe.ray.cpus_per_task,
-        )
-        counts = {r: 0 for r in REASONS}
-        for reason in decisions.values():
-            if reason is not None:
-                counts[reason] += 1
+        self.run_shards(ctx, tasks, write_shard)
         storage.write_parquet(
             storage.join(self.url, "_decisions.parquet"),
             pa.table({"key": list(decisions), "reason": list(decisions.values())}),
         )
+        counts = drop_counts(decisions)
         return {"shards": len(shards), "samples_in": len(decisions), "samples_out": len(kept), "counts": counts}

@@ -23,8 +23,8 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import IngestConfig
 from pipeline.data.url_lists import inspect_url_lists, read_url_list, shard_table
-from pipeline.executor import ShardTask, run_tasks
-from pipeline.ledger import ShardRecord
+from pipeline.executor import ShardTask
+from pipeline.ledger import Ledger, ShardRecord
 from pipeline.schemas import RAW_MANIFEST, validate_table
 from pipeline.stages.base import InputError, RunContext, Stage
 
@@ -94,8 +94,6 @@ def ingest_shard(payload: dict[str, Any]) -> ShardRecord:
     cfg = IngestConfig.model_validate(payload["cfg"])
     stage_url, shard_id, digits = payload["stage_url"], payload["shard_id"], payload["digits"]
     name = shard_name(shard_id, digits)
-    from pipeline.ledger import Ledger
-
     ledger = Ledger(stage_url)
     tmp = ledger.attempt_dir(name)
     storage.makedirs(tmp)
@@ -208,15 +206,7 @@ class IngestStage(Stage):
                 )
                 for i in range(info["shards"])
             ]
-            records = run_tasks(
-                self.ledger,
-                tasks,
-                ingest_shard,
-                label=self.name,
-                progress=ctx.progress,
-                num_cpus=self.recipe.ray.cpus_per_task,
-                max_retries=self.cfg.max_task_retries,
-            )
+            records = self.run_shards(ctx, tasks, ingest_shard, max_retries=self.cfg.max_task_retries)
         counts = {reason: sum(r.counts.get(reason, 0) for r in records.values()) for reason in FAILURES}
         samples_in = sum(r.samples_in for r in records.values())
         samples_out = sum(r.samples_out for r in records.values())

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import TextTokenizerConfig
-from pipeline.executor import ShardTask, run_tasks
+from pipeline.executor import ShardTask
 from pipeline.ledger import Ledger, ShardRecord
 from pipeline.stages.base import InputError, RunContext, Stage
 from pipeline.text_tokenizer import TextTokenizer, train_tokenizer
@@ -38,10 +38,12 @@ def train_task(payload: dict[str, Any]) -> ShardRecord:
     storage.write_atomic(storage.join(tmp, "tokenizer.json"), tok.to_str(pretty=True).encode())
     text = TextTokenizer(tok, cfg.text_len)
     lengths = np.array([len(text.ids(c)) for c in captions])
+    stats = {"vocab_size": text.vocab_size, "mean_tokens": round(float(lengths.mean()), 2)}
+    storage.write_json(storage.join(tmp, "stats.json"), stats)
     return ledger.commit_files(
         SHARD,
         tmp,
-        ["tokenizer.json"],
+        ["tokenizer.json", "stats.json"],
         samples_in=len(captions),
         samples_out=text.vocab_size,
         fingerprint=payload["fingerprint"],
@@ -63,22 +65,6 @@ class TextTokenizerStage(Stage):
             "stage_url": self.url,
             "fingerprint": ctx.fingerprint.digest,
         }
-        record = run_tasks(
-            self.ledger,
-            [ShardTask(SHARD, payload)],
-            train_task,
-            label=self.name,
-            progress=ctx.progress,
-            num_cpus=self.recipe.ray.cpus_per_task,
-        )[SHARD]
-        text = TextTokenizer.load(storage.join(self.url, "tokenizer.json"), self.cfg.text_len)
-        sample = filtered_captions(self.upstream_url("filter"))[:1000]
-        mean_tokens = float(np.mean([len(text.ids(c)) for c in sample])) if sample else 0.0
-        return {
-            "shards": 1,
-            "samples_in": record.samples_in,
-            "samples_out": 1,
-            "vocab_size": text.vocab_size,
-            "mean_tokens": round(mean_tokens, 2),
-            "counts": record.counts,
-        }
+        record = self.run_shards(ctx, [ShardTask(SHARD, payload)], train_task)[SHARD]
+        stats = storage.read_json(storage.join(self.url, "stats.json"))
+        return {"shards": 1, "samples_in": record.samples_in, "samples_out": 1, **stats, "counts": record.counts}
