@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch first, so nothing pulls the CUDA wheels
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# OpenAI's dall_e package, for the dVAE compatibility test (its declared deps pull torchvision)
+	$(PY) -m pip install -q --no-deps DALL-E==0.1
 	touch $(STAMP)
 
 install: $(STAMP)

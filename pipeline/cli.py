@@ -2,9 +2,11 @@
 
     dalle run RECIPE [key=value ...] [--force STAGE] [--until STAGE] [--address ADDR]
     dalle status RECIPE [key=value ...] [--json]
+    dalle validate STAGE_DIR [--json]
 
 User mistakes (bad recipe, bad input, output written by another recipe) print one line and exit
-with code 2; a stage whose shards failed exits with 1 (rerun to retry them).
+with code 2; a stage whose shards failed exits with 1 (rerun to retry them), as does `validate`
+when it finds problems.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("recipe")
     status.add_argument("overrides", nargs="*")
     status.add_argument("--json", action="store_true", help="print JSON")
+
+    validate = sub.add_parser("validate", help="check a stage's shards (ingest, filter, encode) against schemas/")
+    validate.add_argument("path", help="a stage folder, e.g. runs/demo/encode")
+    validate.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -122,6 +128,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from pipeline.validate import validate
+
+    report = validate(args.path)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "stage": report.stage,
+                    "shards": report.shards,
+                    "samples": report.samples,
+                    "problems": report.problems,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for shard, problems in sorted(report.problems.items()):
+            for problem in problems:
+                print(f"{args.path}: shard {shard}: {problem}")
+        n = sum(len(p) for p in report.problems.values())
+        verdict = "ok" if report.ok else f"{n} problems in {len(report.problems)} shards"
+        print(f"{report.stage}: {report.shards} shards, {report.samples} samples: {verdict}")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -131,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.executor import StageFailed
 
     try:
-        return {"run": _run, "status": _status}[args.command](args)
+        return {"run": _run, "status": _status, "validate": _validate}[args.command](args)
     except USER_ERRORS as err:
         print(f"dalle: error: {err}", file=sys.stderr)
         return 2

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from pipeline.config_base import Config as _Config
+from pipeline.config_models import ClipConfig, DVAEConfig, EncodeConfig
 
 
 class RecipeError(ValueError):
     """A recipe (or an override) that cannot be used; the message is one line for the user."""
-
-
-class _Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class SyntheticConfig(_Config):
@@ -179,6 +178,12 @@ class Recipe(_Config):
     """Filter stage."""
     text_tokenizer: TextTokenizerConfig = TextTokenizerConfig()
     """Text-tokenizer stage."""
+    dvae: DVAEConfig = DVAEConfig()
+    """dVAE stage: train the image tokenizer, or check given weights."""
+    clip: ClipConfig = ClipConfig()
+    """CLIP stage: train a CLIP on the filtered pairs, or check given weights."""
+    encode: EncodeConfig = EncodeConfig()
+    """Encode stage: image tokens, text tokens and CLIP embeddings per filtered shard."""
 
 
 def _format_error(err: ValidationError, source: str) -> str:

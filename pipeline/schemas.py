@@ -17,6 +17,16 @@ SCHEMA_VERSION = 1
 # Members of one webdataset sample (`<key>.<member>` inside the tar), per stage.
 RAW_MEMBERS = ("jpg", "txt", "json")
 FILTERED_MEMBERS = ("jpg", "txt", "json")
+ENCODED_MEMBERS = ("image_tokens.npy", "text_tokens.npy", "clip_image.npy", "clip_text.npy", "txt", "json")
+
+# dtype and shape of each array member of an encoded sample; names in shapes are fixed per run
+# and recorded in the encode stage's `_plan.json` (grid², the text length, CLIP's embedding width).
+ENCODED_ARRAYS = {
+    "image_tokens.npy": ("uint16", ("image_tokens",)),
+    "text_tokens.npy": ("uint16", ("text_len",)),
+    "clip_image.npy": ("float16", ("embed_dim",)),
+    "clip_text.npy": ("float16", ("embed_dim",)),
+}
 
 RAW_MANIFEST = pa.schema(
     [
@@ -62,6 +72,23 @@ FILTERED_MANIFEST = pa.schema(
     metadata={"stage": "filter", "doc": "one row per sample of a filtered shard, in tar order"},
 )
 
+ENCODED_MANIFEST = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("sha256", pa.string()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("clip_similarity", pa.float32()),
+        ("text_length", pa.int32()),
+    ],
+    metadata={
+        "stage": "encode",
+        "doc": "one row per sample of an encoded shard, in tar order (text_length: BPE tokens before truncation)",
+    },
+)
+
 LEDGER_RECORD = pa.schema(
     [
         ("shard", pa.string()),
@@ -81,6 +108,7 @@ ALL = {
     "raw_manifest": RAW_MANIFEST,
     "filter_facts": FILTER_FACTS,
     "filtered_manifest": FILTERED_MANIFEST,
+    "encoded_manifest": ENCODED_MANIFEST,
     "ledger_record": LEDGER_RECORD,
 }
 
@@ -121,7 +149,13 @@ def render() -> dict[str, dict]:
             **meta,
             "fields": [{"name": f.name, "type": str(f.type)} for f in schema],
         }
-    out["sample_members"] = {"version": SCHEMA_VERSION, "raw": list(RAW_MEMBERS), "filtered": list(FILTERED_MEMBERS)}
+    out["sample_members"] = {
+        "version": SCHEMA_VERSION,
+        "raw": list(RAW_MEMBERS),
+        "filtered": list(FILTERED_MEMBERS),
+        "encoded": list(ENCODED_MEMBERS),
+        "encoded_arrays": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in ENCODED_ARRAYS.items()},
+    }
     return out
 
 

@@ -27,6 +27,9 @@ STAGES: dict[str, str] = {
     "ingest": "pipeline.stages.ingest:IngestStage",
     "filter": "pipeline.stages.filter:FilterStage",
     "text-tokenizer": "pipeline.stages.text_tokenizer:TextTokenizerStage",
+    "dvae": "pipeline.stages.dvae:DVAEStage",
+    "clip": "pipeline.stages.clip:ClipStage",
+    "encode": "pipeline.stages.encode:EncodeStage",
 }
 
 

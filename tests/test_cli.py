@@ -83,7 +83,7 @@ def test_bad_override_and_unknown_stage(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(f"name: t\noutput_dir: {tmp_path / 'out'}\ningest: {{synthetic: {{}}}}\n")
     assert_user_error(dalle("run", str(path), "filter.shard_size=zero"), "field 'filter.shard_size'")
-    assert_user_error(dalle("run", str(path), "--until", "encode"), "unknown stage 'encode'")
+    assert_user_error(dalle("run", str(path), "--until", "encdoe"), "unknown stage 'encdoe'")
     assert not (tmp_path / "out").exists()
 
 

@@ -37,7 +37,7 @@ def reference(tmp_path_factory, port):
     """One uninterrupted run: the ground truth for every resume test."""
     tmp = tmp_path_factory.mktemp("reference")
     recipe = small_recipe(tmp / "recipe.yaml", tmp / "out", port=port, latency_ms=LATENCY_MS)
-    result = dalle("run", str(recipe), "--no-progress")
+    result = dalle("run", str(recipe), "--until", "text-tokenizer", "--no-progress")
     assert result.returncode == 0, result.stderr
     return tmp / "out", recipe
 
@@ -128,7 +128,7 @@ def test_sigkill_in_ingest_and_in_filter_then_resume(tmp_path, reference, port):
     ref_out, _ = reference
     out = tmp_path / "out"
     recipe = small_recipe(tmp_path / "recipe.yaml", out, port=port, latency_ms=LATENCY_MS)
-    args = ["run", str(recipe), "--no-progress"]
+    args = ["run", str(recipe), "--until", "text-tokenizer", "--no-progress"]
 
     kill_run_when(args, lambda: _ledger_count(out / "ingest" / "_ledger") >= 2)
     partial = committed(out / "ingest")
@@ -159,11 +159,11 @@ def test_sigkill_in_ingest_and_in_filter_then_resume(tmp_path, reference, port):
 def test_rerun_of_a_finished_run_does_nothing_and_changed_config_is_refused(reference):
     out, recipe = reference
     before = {p: p.stat().st_mtime_ns for p in (out / "filter").glob("*.tar")}
-    result = dalle("run", str(recipe), "--no-progress")
+    result = dalle("run", str(recipe), "--until", "text-tokenizer", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert {p: p.stat().st_mtime_ns for p in (out / "filter").glob("*.tar")} == before
 
-    refused = dalle("run", str(recipe), "filter.min_caption_words=5", "--no-progress")
+    refused = dalle("run", str(recipe), "filter.min_caption_words=5", "--until", "text-tokenizer", "--no-progress")
     assert refused.returncode == 2
     line = refused.stderr.strip()
     assert "\n" not in line and "stage 'filter'" in line and "config.min_caption_words: 3 -> 5" in line
@@ -179,6 +179,6 @@ def test_force_redoes_a_stage_and_downstream_and_until_stops(reference):
     assert (out / "ingest" / "_done.json").stat().st_mtime_ns == ingest_mtime
     assert (out / "filter" / "_done.json").exists()
     assert not (out / "text-tokenizer").exists()  # cleared as downstream of filter, not rerun
-    result = dalle("run", str(recipe), "--no-progress")
+    result = dalle("run", str(recipe), "--until", "text-tokenizer", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert (out / "text-tokenizer" / "tokenizer.json").read_bytes() == tok_before

@@ -11,6 +11,8 @@ import io
 import tarfile
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+
 from pipeline import storage
 
 Sample = dict[str, bytes | str]
@@ -78,3 +80,14 @@ def write_tar(url: str, samples: Iterable[Sample]) -> None:
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(tar_bytes(samples))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as `.npy` file bytes (the member format webdataset decodes to numpy)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)

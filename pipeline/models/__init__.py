@@ -1,0 +1,1 @@
+"""Model definitions: dVAE, CLIP, transformer."""

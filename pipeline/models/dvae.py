@@ -1,0 +1,381 @@
+"""The DALL·E discrete VAE (Ramesh et al. 2021): images <-> a grid of tokens from a codebook of K.
+
+The architecture is that of OpenAI's released `dall_e` package (bottleneck residual encoder and
+decoder, logit-Laplace likelihood), generalised to any group count and made trainable: plain
+`nn.Conv2d` layers whose precision the caller picks with autocast, a Gumbel-softmax relaxation
+and the ELBO loss. Parameter names equal `dall_e`'s (with `.w`/`.b` spelled `.weight`/`.bias`),
+so `load_openai_dvae` can load OpenAI's `encoder.pkl`/`decoder.pkl` without that package.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+import types
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import storage
+
+if TYPE_CHECKING:
+    from pipeline.config_models import DVAEConfig
+
+LOGIT_LAPLACE_EPS = 0.1
+FORMAT = "dalle-pipeline-dvae"
+SIZE_KEYS = ("image_size", "vocab_size", "n_hid", "n_blk_per_group", "group_count", "n_init")
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """[0,1] pixels into [eps, 1-eps], where the logit-Laplace density stays bounded."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    return torch.clamp((x - eps) / (1 - 2 * eps), 0, 1)
+
+
+def _conv(n_in: int, n_out: int, kernel: int) -> nn.Conv2d:
+    conv = nn.Conv2d(n_in, n_out, kernel, padding=(kernel - 1) // 2)
+    # dall_e's initialisation: unit-variance activations at the start, zero biases.
+    nn.init.normal_(conv.weight, std=1 / (n_in * kernel**2) ** 0.5)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class _ResBlock(nn.Module):
+    """Bottleneck residual block; post_gain = 1/L^2 keeps the sum of L blocks near the identity at init."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        n_mid = n_out // 4
+        self.post_gain = 1 / n_layers**2
+        self.id_path = _conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        widths = (n_in, n_mid, n_mid, n_mid, n_out)
+        layers: list[tuple[str, nn.Module]] = []
+        for i, k in enumerate(kernels):
+            layers += [(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", _conv(widths[i], widths[i + 1], k))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def _tower(
+    stem: nn.Conv2d, widths: list[int], n_blk: int, kernels: tuple[int, int, int, int], resample: str, n_out: int
+) -> nn.Sequential:
+    """dall_e's layout: input conv, groups of residual blocks with a resampling layer between groups, relu + 1x1."""
+    layers: list[tuple[str, nn.Module]] = [("input", stem)]
+    width, n_layers = stem.out_channels, len(widths) * n_blk
+    for g, out in enumerate(widths, 1):
+        group = [(f"block_{i + 1}", _ResBlock(width if i == 0 else out, out, n_layers, kernels)) for i in range(n_blk)]
+        if g < len(widths):
+            group.append(("pool", nn.MaxPool2d(2)) if resample == "pool" else ("upsample", nn.Upsample(scale_factor=2)))
+        layers.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+        width = out
+    layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _conv(width, n_out, 1))]))))
+    return nn.Sequential(OrderedDict(layers))
+
+
+class Encoder(nn.Module):
+    """Image (mapped pixels) -> logits over the codebook, [B, vocab_size, H/2^(g-1), W/2^(g-1)]."""
+
+    def __init__(
+        self, group_count: int = 4, n_hid: int = 256, n_blk_per_group: int = 2, input_channels: int = 3,
+        vocab_size: int = 8192,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        widths = [2 ** (g - 1) * n_hid for g in range(1, group_count + 1)]
+        stem = _conv(input_channels, n_hid, 7)
+        self.blocks = _tower(stem, widths, n_blk_per_group, (3, 3, 3, 1), "pool", vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class Decoder(nn.Module):
+    """Codebook one-hots [B, vocab_size, h, w] -> [B, 2*output_channels, h*2^(g-1), ...]: logit-Laplace mu, ln b."""
+
+    def __init__(
+        self, group_count: int = 4, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2,
+        output_channels: int = 3, vocab_size: int = 8192,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        widths = [2 ** (group_count - g) * n_hid for g in range(1, group_count + 1)]
+        stem = _conv(vocab_size, n_init, 1)
+        self.blocks = _tower(stem, widths, n_blk_per_group, (1, 3, 3, 3), "upsample", 2 * output_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The input 1x1 conv of one-hot `tokens` [B, h, w], by indexing its weight (a K-channel one-hot is big)."""
+        conv = self.blocks.input
+        table = conv.weight[:, :, 0, 0].t()  # [K, n_init]
+        return F.embedding(tokens, table).permute(0, 3, 1, 2) + conv.bias[None, :, None, None]
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        for name, layer in self.blocks.named_children():
+            if name != "input":
+                x = layer(x)
+        return x
+
+
+def logit_laplace_nll(x_mapped: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Elementwise -log p(x) of the logit-Laplace density on (0,1): Laplace(mu, b) on logit(x), times |dlogit/dx|."""
+    log_x, log_1mx = torch.log(x_mapped), torch.log1p(-x_mapped)
+    return math.log(2.0) + log_b + log_x + log_1mx + (log_x - log_1mx - mu).abs() * torch.exp(-log_b)
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits, dim 1) || uniform over K), summed over the latent grid: [B]."""
+    logq = F.log_softmax(logits.float(), dim=1)
+    k = logits.shape[1]
+    per_position = (logq.exp() * logq).sum(dim=1) + math.log(k)
+    return per_position.flatten(1).sum(dim=1)
+
+
+@dataclass
+class DVAEOutput:
+    loss: torch.Tensor
+    nll: torch.Tensor
+    """Mean NLL per pixel dimension."""
+    kl: torch.Tensor
+    """KL to the uniform prior, summed over the grid, batch mean."""
+    recon: torch.Tensor
+    """Reconstruction (mode of the likelihood) in [0,1] pixel space, detached."""
+    logits: torch.Tensor
+
+
+class DVAE(nn.Module):
+    """Encoder + decoder + the training loss; `config` holds the sizes (what `save_dvae` stores)."""
+
+    def __init__(
+        self, image_size: int = 256, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
+        group_count: int = 4, n_init: int = 128,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if image_size % 2 ** (group_count - 1):
+            raise ValueError(f"image_size {image_size} is not divisible by 2^(group_count-1)")
+        sizes = (image_size, vocab_size, n_hid, n_blk_per_group, group_count, n_init)
+        self.config: dict[str, int] = dict(zip(SIZE_KEYS, sizes))
+        self.encoder = Encoder(group_count, n_hid, n_blk_per_group, 3, vocab_size)
+        self.decoder = Decoder(group_count, n_init, n_hid, n_blk_per_group, 3, vocab_size)
+
+    @classmethod
+    def from_config(cls, cfg: DVAEConfig) -> DVAE:
+        return cls(**{k: getattr(cfg, k) for k in SIZE_KEYS})
+
+    @property
+    def grid(self) -> int:
+        return self.config["image_size"] // 2 ** (self.config["group_count"] - 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        # Inputs follow the weights, so a model cast to bf16 (e.g. by DeepSpeed) works as well as autocast.
+        return self.encoder.blocks.input.weight.dtype
+
+    def forward(
+        self, x01: torch.Tensor, temperature: float, kl_weight: float, generator: torch.Generator | None = None
+    ) -> DVAEOutput:
+        x = map_pixels(x01.float())
+        logits = self.encoder(x.to(self._dtype)).float()
+        # Gumbel-softmax relaxation; the noise comes from `generator` so steps are reproducible.
+        device = generator.device if generator is not None else logits.device
+        u = torch.rand(logits.shape, generator=generator, device=device).to(logits.device)
+        fi = torch.finfo(u.dtype)
+        u = u.clamp(fi.tiny, 1 - fi.eps)  # keeps -log(-log(u)) finite
+        soft = F.softmax((logits - torch.log(-torch.log(u))) / temperature, dim=1)
+        out = self.decoder(soft.to(self._dtype)).float()
+        c = out.shape[1] // 2
+        mu, log_b = out[:, :c], out[:, c:]
+        nll = logit_laplace_nll(x, mu, log_b).mean()
+        kl = kl_to_uniform(logits).mean()
+        # The ELBO is sum-NLL + KL per image; dividing both by C*H*W keeps the loss per pixel
+        # dimension (comparable across image sizes) without changing the NLL/KL balance.
+        loss = nll + kl_weight * kl / x01[0].numel()
+        recon = unmap_pixels(torch.sigmoid(mu)).detach()
+        return DVAEOutput(loss=loss, nll=nll, kl=kl, recon=recon, logits=logits)
+
+    @torch.no_grad()
+    def tokens(self, x01: torch.Tensor) -> torch.Tensor:
+        """Codebook indices [B, grid*grid] (row-major)."""
+        return self.encoder(map_pixels(x01.float()).to(self._dtype)).argmax(dim=1).flatten(1)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0,1] from row-major square token grids [B, side*side] (side is usually `grid`)."""
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} tokens per image do not form a square grid")
+        out = self.decoder.forward_tokens(tokens.long().view(-1, side, side)).float()
+        return unmap_pixels(torch.sigmoid(out[:, : out.shape[1] // 2]))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def save_dvae(model: DVAE, url: str) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": 1, "config": dict(model.config), "state_dict": state}, buf)
+    storage.write_atomic(url, buf.getvalue())
+
+
+def load_dvae(url: str, map_location: Any = "cpu") -> DVAE:
+    try:
+        blob = torch.load(io.BytesIO(storage.read_bytes(url)), map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{url}: not a dVAE file ({_first_line(e)})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{url}: not a dVAE file (no '{FORMAT}' format tag)")
+    if blob.get("version") != 1:
+        raise ValueError(f"{url}: unsupported dVAE file version {blob.get('version')!r}")
+    config = blob.get("config")
+    if not isinstance(config, dict) or set(config) != set(SIZE_KEYS):
+        raise ValueError(f"{url}: dVAE config {config!r} does not have the keys {SIZE_KEYS}")
+    model = DVAE(**config)
+    try:
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"{url}: weights do not fit the config ({_first_line(e)})") from None
+    return model
+
+
+# ---- OpenAI's pickles ------------------------------------------------------------------------
+
+
+class _PickledDallE(nn.Module):
+    """Stands in for a `dall_e` class while unpickling: holds the pickled attributes, runs nothing."""
+
+    dall_e_class = ""
+
+
+# Every global a pickled dall_e module references (torch's storages, dtypes and rebuilders are matched below).
+_ALLOWED: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "torch.device": torch.device,
+    "torch.Size": torch.Size,
+}
+for _cls in (nn.ReLU, nn.Sequential, nn.Identity, nn.MaxPool2d, nn.Upsample):
+    _ALLOWED[f"{_cls.__module__}.{_cls.__name__}"] = _cls
+for _name in ("encoder.Encoder", "encoder.EncoderBlock", "decoder.Decoder", "decoder.DecoderBlock", "utils.Conv2d"):
+    _ALLOWED[f"dall_e.{_name}"] = type(_name.split(".")[1], (_PickledDallE,), {"dall_e_class": f"dall_e.{_name}"})
+del _cls, _name
+_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """Resolves only the globals a pickled dall_e module needs; everything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # protocol-2 spelling
+        full = f"{module}.{name}"
+        if full in _ALLOWED:
+            return _ALLOWED[full]
+        if module == "torch._utils" and name in _REBUILDERS:
+            return getattr(torch._utils, name)
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            is_storage = isinstance(obj, type) and name.endswith("Storage")
+            if isinstance(obj, torch.dtype) or is_storage:
+                return obj
+        raise pickle.UnpicklingError(f"refusing to load global {full}")
+
+
+# torch.load subclasses `pickle_module.Unpickler` and calls `pickle_module.load` (legacy format).
+_allowlist_pickle = types.ModuleType("dvae_allowlist_pickle")
+_allowlist_pickle.Unpickler = _AllowlistUnpickler  # type: ignore[attr-defined]
+_allowlist_pickle.load = lambda f, **kw: _AllowlistUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+
+
+def _load_pickled_dall_e(path: str, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The attributes and the weights (keys in our naming) of a pickled `dall_e.<kind>` module."""
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # legacy-format pickles warn that class sources differ
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_allowlist_pickle)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load as a dall_e pickle ({_first_line(e)})") from None
+    expected = f"dall_e.{kind.lower()}.{kind}"
+    if getattr(obj, "dall_e_class", None) != expected:
+        raise ValueError(f"{path}: not a pickled {expected} (found {type(obj).__module__}.{type(obj).__name__})")
+
+    weights: dict[str, torch.Tensor] = {}
+
+    # Walk __dict__ rather than calling state_dict(): it depends on no hook attributes of the pickling torch.
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, p in module.__dict__.get("_parameters", {}).items():
+            if p is not None:
+                weights[re.sub(r"\.w$", ".weight", re.sub(r"\.b$", ".bias", prefix + name))] = p.detach()
+        for name, child in module.__dict__.get("_modules", {}).items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.")
+
+    walk(obj, "")
+    attrs = dict(obj.__dict__)
+    # dall_e declares group_count without attr.ib, so it is a class attribute and not pickled.
+    blocks = obj.__dict__.get("_modules", {}).get("blocks")
+    groups = [n for n in getattr(blocks, "_modules", {}) if n.startswith("group_")]
+    attrs.setdefault("group_count", len(groups))
+    return attrs, weights
+
+
+def load_openai_dvae(encoder_path: str, decoder_path: str) -> DVAE:
+    """A DVAE from OpenAI's released `encoder.pkl` and `decoder.pkl` (whole pickled `dall_e` modules).
+
+    Needs no `dall_e` install and executes no code from the pickles beyond the allowlisted
+    constructors (torch tensor/parameter rebuilders, storages, dtypes, `torch.device`, OrderedDict,
+    set, and the plain `torch.nn` layers dall_e uses); dall_e's own classes become inert placeholder
+    modules whose weights and size fields are read back. Raises one-line ValueErrors naming the file.
+    """
+    enc, enc_w = _load_pickled_dall_e(encoder_path, "Encoder")
+    dec, dec_w = _load_pickled_dall_e(decoder_path, "Decoder")
+    if enc.get("vocab_size") != dec.get("vocab_size"):
+        raise ValueError(
+            f"{decoder_path}: vocab_size {dec.get('vocab_size')} differs from {encoder_path}'s {enc.get('vocab_size')}"
+        )
+    for key in ("group_count", "n_hid", "n_blk_per_group"):
+        if enc.get(key) != dec.get(key):
+            raise ValueError(f"{decoder_path}: {key} {dec.get(key)} differs from {encoder_path}'s {enc.get(key)}")
+    for path, attrs, key in ((encoder_path, enc, "input_channels"), (decoder_path, dec, "output_channels")):
+        if attrs.get(key, 3) != 3:
+            raise ValueError(f"{path}: {key} is {attrs.get(key)}, not 3 (RGB)")
+    try:
+        sizes = {k: int(enc[k]) for k in ("vocab_size", "n_hid", "n_blk_per_group", "group_count")}
+        # 256 is the side the released model was trained at; the convolutions accept any multiple of 2^(g-1).
+        model = DVAE(image_size=256, n_init=int(dec["n_init"]), **sizes)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{encoder_path}: bad or missing size fields ({_first_line(e)})") from None
+    for part, weights, path in ((model.encoder, enc_w, encoder_path), (model.decoder, dec_w, decoder_path)):
+        try:
+            part.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: weights do not fit the architecture ({_first_line(e)})") from None
+    return model

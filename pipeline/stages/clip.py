@@ -1,0 +1,175 @@
+"""clip: train a CLIP contrastively on the filtered pairs (Ray Train + DeepSpeed) when the recipe
+gives no weights, or check the given HF-format folder. Commits `metrics.json` (held-out
+image→text retrieval accuracy, matched and mismatched cosine) and, when trained, `model/`.
+
+A trained CLIP's text tower reads our BPE tokenizer (from text-tokenizer), saved with the model
+so the folder loads like any HF CLIP. The contrastive loss uses each worker's own batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.config import Recipe
+from pipeline.config_models import ClipConfig
+from pipeline.data.images import decode_rgb
+from pipeline.data.loader import ledger_spans, read_span, split_holdout
+from pipeline.data.shards import Sample
+from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.train.trainer import fit
+
+SHARD = "model"
+HOLDOUT = 64
+
+
+def clip_path(recipe: Recipe, output_dir: str) -> str:
+    """Where the CLIP the pipeline uses lives: the recipe's weights, else the trained one."""
+    if recipe.clip.weights is not None:
+        return storage.absolute(recipe.clip.weights)
+    return storage.join(output_dir, "clip", "model")
+
+
+class ClipLoss(nn.Module):
+    """CLIPModel whose forward is the contrastive loss (what the DeepSpeed engine calls)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        self.model = clip.model
+
+    def forward(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+        return self.clip.contrastive_loss(pixel_values, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def retrieval_scores(clip, pairs: list[tuple[np.ndarray, str]], device: torch.device) -> dict[str, float]:
+    """On held-out pairs: image→text top-1 accuracy among them, mean matched and mismatched cosine."""
+    images = clip.preprocess(np.stack([p[0] for p in pairs])).to(device)
+    tokens = {k: v.to(device) for k, v in clip.tokenize([p[1] for p in pairs]).items()}
+    img = clip.image_embeddings(images).float()
+    txt = clip.text_embeddings(tokens["input_ids"], tokens["attention_mask"]).float()
+    sims = img @ txt.T
+    n = len(pairs)
+    matched = sims.diag()
+    mismatched = (sims.sum() - matched.sum()) / max(n * n - n, 1)
+    return {
+        "retrieval_top1": float((sims.argmax(1) == torch.arange(n, device=device)).float().mean()),
+        "matched_cosine": float(matched.mean()),
+        "mismatched_cosine": float(mismatched),
+    }
+
+
+class ClipTask:
+    """CLIP as a `pipeline.train.loop.TrainTask`; config: {"clip": ClipConfig, "tokenizer": url}."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = ClipConfig.model_validate(config["clip"])
+        self.tokenizer_url = config["tokenizer"]
+        self._clip = None
+
+    def build_model(self) -> nn.Module:
+        from tokenizers import Tokenizer
+
+        from pipeline.models.clip import build_clip
+
+        tokenizer = Tokenizer.from_str(storage.read_bytes(self.tokenizer_url).decode())
+        clip = build_clip(self.cfg, tokenizer, seed=self.cfg.train.seed)
+        self._clip = self._clip or clip  # preprocessing and tokenizing come from the first one
+        return ClipLoss(clip)
+
+    def decode(self, sample: Sample) -> tuple[np.ndarray, str]:
+        return decode_rgb(sample["jpg"]), sample["txt"].decode()
+
+    def collate(self, items: list, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        pixels = self._clip.preprocess(np.stack([i[0] for i in items])).to(device)
+        tokens = self._clip.tokenize([i[1] for i in items])
+        return {
+            "pixel_values": pixels.to(dtype) if dtype is not None else pixels,
+            **{k: v.to(device) for k, v in tokens.items()},
+        }
+
+    def loss(self, engine, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        loss = engine(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        return loss, {"logit_scale": float(engine.module.model.logit_scale.exp())}
+
+    def evaluate(self, model: nn.Module, held: list, device: torch.device) -> tuple[dict, dict]:
+        return (retrieval_scores(model.clip, held, device) if len(held) > 1 else {}), {}
+
+    def export(self, model: nn.Module, out_url: str) -> list[str]:
+        model.clip.model.float()
+        model.clip.save(storage.join(out_url, "model"))
+        return sorted(f"model/{n}" for n in storage.list_names(storage.join(out_url, "model")))
+
+
+class ClipStage(Stage):
+    name = "clip"
+    config_key = "clip"
+    upstream = ("filter", "text-tokenizer")
+
+    def inspect_inputs(self) -> dict[str, Any]:
+        if self.cfg.weights is None:
+            return {}
+        path = storage.absolute(self.cfg.weights)
+        if not storage.exists(storage.join(path, "config.json")):
+            raise InputError(f"clip.weights: {path} is not a CLIP folder in Hugging Face format (no config.json)")
+        from pipeline.ledger import checksum_files
+
+        return {"weights": checksum_files([storage.join(path, "config.json")])}
+
+    def held_out(self) -> list[tuple[np.ndarray, str]]:
+        _, held = split_holdout(ledger_spans(self.upstream_url("filter")), HOLDOUT)
+        return [(decode_rgb(s["jpg"]), s["txt"].decode()) for span in held for s in read_span(span)]
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from pipeline.models.clip import load_clip
+
+        self.write_plan(1)
+        if SHARD not in self.ledger.done():
+            started = time.monotonic()
+            attempt = self.ledger.attempt_dir(SHARD)
+            files, trained = ["metrics.json"], 0
+            if self.cfg.weights is None:
+                config = {"clip": self.cfg.model_dump(mode="json"), "tokenizer": self.tokenizer_url()}
+                fit(
+                    self.name,
+                    "pipeline.stages.clip:ClipTask",
+                    config,
+                    self.cfg.train,
+                    data_url=self.upstream_url("filter"),
+                    holdout=HOLDOUT,
+                    out_url=attempt,
+                    stage_url=self.url,
+                    name=f"{self.recipe.name}-clip",
+                    progress=ctx.progress,
+                )
+                files += sorted(f"model/{n}" for n in storage.list_names(storage.join(attempt, "model")))
+                train = self.cfg.train
+                trained = train.steps * train.batch_size * train.grad_accum * train.workers
+                clip = load_clip(storage.join(attempt, "model"))
+            else:
+                try:
+                    clip = load_clip(storage.absolute(self.cfg.weights))
+                except ValueError as err:
+                    raise InputError(f"clip.weights: {err}") from None
+            scores = retrieval_scores(clip.eval(), self.held_out(), torch.device("cpu"))
+            storage.write_json(storage.join(attempt, "metrics.json"), scores)
+            self.ledger.commit_files(
+                SHARD,
+                attempt,
+                files,
+                samples_in=trained,
+                samples_out=1,
+                fingerprint=ctx.fingerprint.digest,
+                started=started,
+            )
+        scores = storage.read_json(storage.join(self.url, "metrics.json"))
+        return {"shards": 1, "samples_in": self.ledger.done()[SHARD].samples_in, "samples_out": 1, **scores}
+
+    def tokenizer_url(self) -> str:
+        return storage.join(self.upstream_url("text-tokenizer"), "tokenizer.json")

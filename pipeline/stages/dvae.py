@@ -1,0 +1,182 @@
+"""dvae: train the discrete VAE on the filtered images (Ray Train + DeepSpeed), or check given
+weights (ours or OpenAI's `encoder.pkl`/`decoder.pkl`); either way the stage commits `dvae.pt`,
+the weights the encode stage uses, and `metrics.json`, their reconstruction error on held-out
+filtered images next to the error of the held-out mean image.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.config_models import DVAEConfig
+from pipeline.data.images import decode_rgb, grid, png_bytes, to_tensor, to_uint8
+from pipeline.data.loader import ledger_spans, read_span, split_holdout
+from pipeline.data.shards import Sample
+from pipeline.ledger import checksum_files
+from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.train.schedules import cosine
+from pipeline.train.trainer import fit
+
+SHARD = "model"
+FILES = ["dvae.pt", "metrics.json", "reconstructions.png"]
+
+
+def schedules(cfg: DVAEConfig, step: int) -> tuple[float, float]:
+    """(Gumbel temperature, KL weight) at `step`: the paper's cosine anneals."""
+    temperature = cosine(cfg.temperature_start, cfg.temperature_end, step, cfg.temperature_steps)
+    return temperature, cosine(0.0, cfg.kl_weight, step, cfg.kl_steps)
+
+
+def codebook_stats(logits: torch.Tensor) -> dict[str, float]:
+    """Perplexity of the batch's mean code distribution and the fraction of codes used by argmax."""
+    k = logits.shape[1]
+    probs = logits.float().softmax(1).mean(dim=(0, 2, 3))
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    used = logits.argmax(1).unique().numel()
+    return {"perplexity": float(entropy.exp()), "codebook_usage": used / k}
+
+
+@torch.no_grad()
+def reconstruction_scores(model: nn.Module, images: np.ndarray, device: torch.device) -> tuple[dict, np.ndarray]:
+    """Token round trip (argmax encode, decode) of uint8 images: MSE against the originals and
+    against the images' own mean image (the baseline to beat), PSNR, and a comparison grid."""
+    x = to_tensor(images).to(device)
+    recon = model.decode(model.tokens(x)).float()
+    mse = float(((recon - x) ** 2).mean())
+    mean_mse = float(((x.mean(0, keepdim=True) - x) ** 2).mean())
+    scores = {
+        "recon_mse": mse,
+        "mean_image_mse": mean_mse,
+        "recon_psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+    }
+    shown = min(len(images), 8)
+    return scores, grid([images[:shown], to_uint8(recon[:shown])])
+
+
+class DVAETask:
+    """The dVAE as a `pipeline.train.loop.TrainTask`."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = DVAEConfig.model_validate(config)
+
+    def build_model(self) -> nn.Module:
+        from pipeline.models.dvae import DVAE
+
+        return DVAE.from_config(self.cfg)
+
+    def decode(self, sample: Sample) -> np.ndarray:
+        return decode_rgb(sample["jpg"], self.cfg.image_size)
+
+    def collate(self, items: list[np.ndarray], device: torch.device, dtype: torch.dtype | None) -> dict:
+        x = to_tensor(items).to(device)
+        return {"images": x.to(dtype) if dtype is not None else x}
+
+    def loss(self, engine, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        temperature, kl_weight = schedules(self.cfg, step)
+        out = engine(batch["images"], temperature, kl_weight, generator)
+        stats = {"nll": float(out.nll), "kl": float(out.kl), "temperature": temperature, "kl_weight": kl_weight}
+        return out.loss, {**stats, **codebook_stats(out.logits.detach())}
+
+    def evaluate(self, model: nn.Module, held: list[np.ndarray], device: torch.device) -> tuple[dict, dict]:
+        if not held:
+            return {}, {}
+        scores, image = reconstruction_scores(model, np.stack(held), device)
+        return scores, {"reconstructions": image}
+
+    def export(self, model: nn.Module, out_url: str) -> list[str]:
+        from pipeline.models.dvae import save_dvae
+
+        save_dvae(model.float().cpu(), storage.join(out_url, "dvae.pt"))
+        return ["dvae.pt"]
+
+
+def load_weights(path: str):
+    """Our `dvae.pt` (a file or a folder holding one) or OpenAI's encoder.pkl + decoder.pkl."""
+    from pipeline.models.dvae import load_dvae, load_openai_dvae
+
+    if storage.exists(storage.join(path, "encoder.pkl")):
+        return load_openai_dvae(storage.join(path, "encoder.pkl"), storage.join(path, "decoder.pkl"))
+    if storage.exists(storage.join(path, "dvae.pt")):
+        return load_dvae(storage.join(path, "dvae.pt"))
+    if path.endswith(".pt") and storage.exists(path):
+        return load_dvae(path)
+    raise InputError(f"dvae.weights: {path} holds neither dvae.pt nor OpenAI's encoder.pkl/decoder.pkl")
+
+
+class DVAEStage(Stage):
+    name = "dvae"
+    config_key = "dvae"
+    upstream = ("filter",)
+
+    def inspect_inputs(self) -> dict[str, Any]:
+        if self.cfg.weights is None:
+            return {}
+        path = storage.absolute(self.cfg.weights)
+        names = ["encoder.pkl", "decoder.pkl"] if storage.exists(storage.join(path, "encoder.pkl")) else ["dvae.pt"]
+        urls = [storage.join(path, n) for n in names] if storage.exists(storage.join(path, names[0])) else [path]
+        if not all(storage.exists(u) for u in urls):
+            raise InputError(f"dvae.weights: {path} holds neither dvae.pt nor OpenAI's encoder.pkl/decoder.pkl")
+        return {"weights": checksum_files(urls)}
+
+    def held_out(self) -> np.ndarray:
+        _, held = split_holdout(ledger_spans(self.upstream_url("filter")), self.cfg.reconstructions)
+        return np.stack([decode_rgb(s["jpg"], self.cfg.image_size) for span in held for s in read_span(span)])
+
+    def build(self, attempt: str, ctx: RunContext) -> int:
+        """Trains (or converts the given weights) into `attempt/dvae.pt`; returns the samples
+        trained on."""
+        from pipeline.models.dvae import save_dvae
+
+        if self.cfg.weights is None:
+            fit(
+                self.name,
+                "pipeline.stages.dvae:DVAETask",
+                self.cfg.model_dump(mode="json"),
+                self.cfg.train,
+                data_url=self.upstream_url("filter"),
+                holdout=self.cfg.reconstructions,
+                out_url=attempt,
+                stage_url=self.url,
+                name=f"{self.recipe.name}-dvae",
+                progress=ctx.progress,
+            )
+            return self.cfg.train.steps * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.cfg.train.workers
+        model = load_weights(storage.absolute(self.cfg.weights))
+        if model.image_size != self.cfg.image_size or model.vocab_size != self.cfg.vocab_size:
+            raise InputError(
+                f"dvae.weights: {self.cfg.weights} is a {model.image_size} px, K={model.vocab_size} dVAE; "
+                f"the recipe says dvae.image_size={self.cfg.image_size}, dvae.vocab_size={self.cfg.vocab_size}"
+            )
+        save_dvae(model, storage.join(attempt, "dvae.pt"))
+        return 0
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from pipeline.models.dvae import load_dvae
+
+        self.write_plan(1)
+        if SHARD not in self.ledger.done():
+            started = time.monotonic()
+            attempt = self.ledger.attempt_dir(SHARD)
+            trained = self.build(attempt, ctx)
+            model = load_dvae(storage.join(attempt, "dvae.pt"))
+            scores, image = reconstruction_scores(model, self.held_out(), torch.device("cpu"))
+            storage.write_json(storage.join(attempt, "metrics.json"), scores)
+            storage.write_atomic(storage.join(attempt, "reconstructions.png"), png_bytes(image))
+            self.ledger.commit_files(
+                SHARD,
+                attempt,
+                FILES,
+                samples_in=trained,
+                samples_out=1,
+                fingerprint=ctx.fingerprint.digest,
+                started=started,
+            )
+        scores = storage.read_json(storage.join(self.url, "metrics.json"))
+        return {"shards": 1, "samples_in": self.ledger.done()[SHARD].samples_in, "samples_out": 1, **scores}

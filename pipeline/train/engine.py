@@ -1,0 +1,79 @@
+"""DeepSpeed engines from the recipe: ZeRO stage, precision, optimiser, clipping, accumulation.
+
+On GPU the optimiser is DeepSpeed's fused AdamW and the precision the recipe's (bf16, or fp16
+with dynamic loss scaling); on CPU (`DS_ACCELERATOR=cpu`, gloo) it is torch's AdamW in fp32.
+Both are the same update rule. The recipe's raw `deepspeed` block is merged over the result.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config_models import TrainConfig
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, recursively for nested sections."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` on `world` ranks."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.grad_clip is not None:
+        ds["gradient_clipping"] = cfg.grad_clip
+    if on_gpu:
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay},
+        }
+        if cfg.precision == "bf16":
+            ds["bf16"] = {"enabled": True}
+        elif cfg.precision == "fp16":
+            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return merge(ds, cfg.deepspeed)
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world: int, on_gpu: bool):
+    """A DeepSpeed engine around `model` (torch.distributed must already be initialised)."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world, on_gpu)
+    optimizer = None
+    if "optimizer" not in ds:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=model.parameters(), config=ds, dist_init_required=False
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast_dtype(cfg: TrainConfig, on_gpu: bool) -> torch.dtype | None:
+    """The dtype data is cast to before the forward (DeepSpeed casts the weights)."""
+    if not on_gpu:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)

@@ -1,0 +1,85 @@
+"""The training loader: deterministic order, equal rank slices, exact resume, loud failure on a
+truncated shard."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pipeline.data.loader import ShardError, ShardSpan, ShardStream, read_span, split_holdout
+from pipeline.data.shards import write_tar
+
+
+@pytest.fixture
+def spans(tmp_path):
+    """Five shards of uneven sizes (7, 3, 5, 1, 4 samples) whose samples carry their own key."""
+    out, n = [], 0
+    for i, size in enumerate([7, 3, 5, 1, 4]):
+        url = str(tmp_path / f"{i:05d}.tar")
+        write_tar(url, [{"__key__": f"{n + j:04d}", "txt": f"{n + j:04d}"} for j in range(size)])
+        out.append(ShardSpan(url, size))
+        n += size
+    return out
+
+
+def _keys(spans, rank, world, seed=0, n=None, position=0, shuffle=True):
+    stream = ShardStream(spans, rank=rank, world=world, seed=seed, decode=lambda s: s["__key__"], shuffle=shuffle)
+    return list(itertools.islice(stream.samples(position), n if n is not None else stream.per_rank))
+
+
+def test_one_epoch_across_ranks_covers_every_sample_once_but_the_remainder(spans):
+    total = sum(s.count for s in spans)  # 20
+    for world in (1, 2, 3):
+        slices = [_keys(spans, r, world) for r in range(world)]
+        assert {len(s) for s in slices} == {total // world}  # equal steps: no rank waits forever
+        seen = [k for s in slices for k in s]
+        assert len(seen) == len(set(seen)) == total - total % world
+
+
+def test_order_is_a_function_of_seed_and_epoch(spans):
+    assert _keys(spans, 0, 1, seed=1) == _keys(spans, 0, 1, seed=1)
+    assert _keys(spans, 0, 1, seed=1) != _keys(spans, 0, 1, seed=2)
+    two_epochs = _keys(spans, 0, 1, n=40)
+    assert sorted(two_epochs[:20]) == sorted(two_epochs[20:]) and two_epochs[:20] != two_epochs[20:]
+    assert _keys(spans, 0, 1, shuffle=False) == [f"{i:04d}" for i in range(20)]
+
+
+@pytest.mark.parametrize("position", [0, 1, 6, 9, 10, 23, 31])
+def test_resume_from_a_position_continues_the_same_sequence(spans, position):
+    for rank in (0, 1):
+        whole = _keys(spans, rank, 2, n=40)
+        assert _keys(spans, rank, 2, n=40 - position, position=position) == whole[position:]
+
+
+def test_batches_are_cut_from_the_continuous_stream(spans):
+    stream = ShardStream(spans, rank=1, world=2, seed=0, decode=lambda s: s["__key__"])
+    batches = list(itertools.islice(stream.batches(4), 6))
+    assert [k for b in batches for k in b] == _keys(spans, 1, 2, n=24)
+
+
+def test_holdout_takes_the_tail_and_training_never_sees_it(spans):
+    train, held = split_holdout(spans, 6)
+    held_keys = [s["__key__"] for span in held for s in read_span(span)]
+    assert held_keys == [f"{i:04d}" for i in range(14, 20)]
+    seen = set(_keys(train, 0, 1, n=14 * 3))
+    assert seen == {f"{i:04d}" for i in range(14)}
+
+
+def test_a_truncated_shard_is_refused_loudly(spans):
+    path = spans[0].url
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="00000.tar: cannot read shard"):
+        list(itertools.islice(ShardStream(spans, rank=0, world=1, seed=0, decode=lambda s: s).samples(), 20))
+
+
+def test_a_shard_shorter_than_its_ledger_is_refused(spans):
+    short = [ShardSpan(spans[1].url, spans[1].count + 2)]
+    with pytest.raises(ShardError, match="holds 3 samples, its ledger says at least 5"):
+        read_span(short[0])
+
+
+def test_too_few_samples_for_the_ranks(spans):
+    with pytest.raises(ShardError, match="cannot feed 30 ranks"):
+        ShardStream(spans, rank=0, world=30, seed=0, decode=lambda s: s)

@@ -1,0 +1,98 @@
+"""Trainer plumbing as pure functions: schedules, the dVAE's paper schedules, the DeepSpeed config,
+EMA, per-step seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config_models import DVAEConfig, TrainConfig
+from pipeline.stages.dvae import codebook_stats, schedules
+from pipeline.train.ema import EMA
+from pipeline.train.engine import deepspeed_config, merge
+from pipeline.train.loop import step_seed
+from pipeline.train.schedules import cosine, learning_rate
+
+
+def test_cosine_goes_from_start_to_end_and_stays():
+    assert cosine(1.0, 0.0, 0, 100) == 1.0
+    assert cosine(1.0, 0.0, 50, 100) == pytest.approx(0.5)
+    assert cosine(1.0, 0.0, 100, 100) == pytest.approx(0.0)
+    assert cosine(1.0, 0.0, 500, 100) == pytest.approx(0.0)
+    values = [cosine(1.0, 1 / 16, s, 100) for s in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_dvae_schedules_are_the_papers():
+    cfg = DVAEConfig()
+    assert (cfg.temperature_start, cfg.temperature_end, cfg.temperature_steps) == (1.0, 1 / 16, 150_000)
+    assert (cfg.kl_weight, cfg.kl_steps) == (6.6, 5000)
+    assert schedules(cfg, 0) == (1.0, 0.0)
+    t, kl = schedules(cfg, 5000)
+    assert kl == pytest.approx(6.6) and 1 / 16 < t < 1.0
+    assert schedules(cfg, 150_000) == (pytest.approx(1 / 16), pytest.approx(6.6))
+    assert schedules(cfg, 75_000)[0] == pytest.approx((1 + 1 / 16) / 2)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_min():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(10, cfg) == pytest.approx(1e-3)
+    assert learning_rate(60, cfg) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(110, cfg) == pytest.approx(1e-5)
+
+
+def test_deepspeed_config_from_the_recipe():
+    cfg = TrainConfig(batch_size=8, grad_accum=4, zero_stage=2, grad_clip=4.0, precision="bf16")
+    cpu = deepspeed_config(cfg, world=2, on_gpu=False)
+    assert cpu["train_batch_size"] == 8 * 4 * 2 and cpu["zero_optimization"] == {"stage": 2}
+    assert cpu["gradient_clipping"] == 4.0
+    assert "optimizer" not in cpu and "bf16" not in cpu  # torch AdamW, fp32 on CPU
+    gpu = deepspeed_config(cfg, world=2, on_gpu=True)
+    assert gpu["bf16"] == {"enabled": True} and gpu["optimizer"]["type"] == "AdamW"
+    fp16 = deepspeed_config(cfg.model_copy(update={"precision": "fp16"}), world=1, on_gpu=True)
+    assert fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    raw = cfg.model_copy(update={"deepspeed": {"zero_optimization": {"overlap_comm": True}, "steps_per_print": 5}})
+    merged = deepspeed_config(raw, world=1, on_gpu=False)
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True} and merged["steps_per_print"] == 5
+
+
+def test_merge_is_recursive_and_does_not_modify_its_inputs():
+    base = {"a": {"b": 1, "c": 2}, "d": 3}
+    out = merge(base, {"a": {"c": 5}, "e": 6})
+    assert out == {"a": {"b": 1, "c": 5}, "d": 3, "e": 6}
+    assert base == {"a": {"b": 1, "c": 2}, "d": 3}
+
+
+def test_ema_tracks_the_weights():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.state_dict()["weight"], start + 0.5)
+    other = EMA(model, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(other.state_dict()["weight"], start + 0.5)
+    with pytest.raises(ValueError, match="does not match the model"):
+        other.load_state_dict({"weight": start})
+
+
+def test_step_seeds_differ_by_step_rank_and_micro_batch():
+    seeds = {step_seed(0, s, r, m) for s in range(50) for r in range(4) for m in range(3)}
+    assert len(seeds) == 50 * 4 * 3
+
+
+def test_codebook_stats():
+    k = 16
+    uniform = torch.zeros(2, k, 4, 4)
+    assert codebook_stats(uniform)["perplexity"] == pytest.approx(k)
+    peaked = torch.full((2, k, 4, 4), -1e4)
+    peaked[:, 3] = 0
+    stats = codebook_stats(peaked)
+    assert stats["perplexity"] == pytest.approx(1.0) and stats["codebook_usage"] == 1 / k
+    assert math.isfinite(stats["perplexity"])
