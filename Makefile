@@ -34,6 +34,7 @@ format: install
 
 bench: install
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/encode.py
 
 clean:
 	rm -rf runs .pytest_cache

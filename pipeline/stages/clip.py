@@ -36,12 +36,21 @@ def clip_path(recipe: Recipe, output_dir: str) -> str:
 
 
 class ClipLoss(nn.Module):
-    """CLIPModel whose forward is the contrastive loss (what the DeepSpeed engine calls)."""
+    """CLIPModel whose forward is the contrastive loss (what the DeepSpeed engine calls).
+
+    DeepSpeed cannot broadcast 0-dim parameters, so CLIP's scalar `logit_scale` trains as a
+    1-element vector (it broadcasts the same) and is turned back into a scalar at export."""
 
     def __init__(self, clip):
         super().__init__()
         self.clip = clip
         self.model = clip.model
+        self.model.logit_scale = nn.Parameter(self.model.logit_scale.detach().reshape(1))
+
+    def export(self, url: str) -> None:
+        self.model.float()
+        self.model.logit_scale = nn.Parameter(self.model.logit_scale.detach().reshape(()))
+        self.clip.save(url)
 
     def forward(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
         return self.clip.contrastive_loss(pixel_values, input_ids, attention_mask)
@@ -102,8 +111,7 @@ class ClipTask:
         return (retrieval_scores(model.clip, held, device) if len(held) > 1 else {}), {}
 
     def export(self, model: nn.Module, out_url: str) -> list[str]:
-        model.clip.model.float()
-        model.clip.save(storage.join(out_url, "model"))
+        model.export(storage.join(out_url, "model"))
         return sorted(f"model/{n}" for n in storage.list_names(storage.join(out_url, "model")))
 
 

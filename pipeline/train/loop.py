@@ -104,6 +104,8 @@ def train_worker(spec: dict[str, Any]) -> None:
             spec["run_url"], run_id=state["run_id"], name=spec["name"], project=cfg.wandb_project, config=spec
         )
         tracker.truncate(step)
+        if step:
+            tracker.log({"resumed_from": step}, step)
     train_spans, held_spans = split_holdout(ledger_spans(spec["data_url"]), spec["holdout"])
     stream = ShardStream(train_spans, rank=rank, world=world, seed=cfg.seed, decode=task.decode)
     held = [task.decode(s) for span in held_spans for s in read_span(span)] if rank == 0 else []
