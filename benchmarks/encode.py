@@ -87,7 +87,7 @@ def main() -> None:
                 clip.image_embeddings(clip.preprocess(images[i : i + args.batch]).to(device))
 
     def clip_reference():
-        from transformers import CLIPImageProcessor
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
 
         processor = CLIPImageProcessor(size={"shortest_edge": clip.image_size}, crop_size=clip.image_size)
         with torch.no_grad(), models.autocast():

@@ -63,6 +63,18 @@ class TrainConfig(Config):
     wandb_project: str | None = None
     """W&B project; null logs offline under the stage folder (`wandb sync` uploads later)."""
 
+    @property
+    def samples_seen(self) -> int:
+        """Samples a full run trains on (updates x global batch)."""
+        return self.steps * self.batch_size * self.grad_accum * self.workers
+
+
+def _no_zero3(train: TrainConfig, section: str) -> None:
+    # EMA and export read whole parameters on rank 0; ZeRO-3 partitions them (the transformer's
+    # trainer gathers them; these small models have no use for ZeRO-3)
+    if train.zero_stage == 3:
+        raise ValueError(f"{section}.train.zero_stage 3 is not supported for this model; use 0, 1 or 2")
+
 
 class DVAEConfig(Config):
     """The discrete VAE that turns images into a grid of tokens (OpenAI `dall_e` architecture)."""
@@ -101,6 +113,7 @@ class DVAEConfig(Config):
 
     @model_validator(mode="after")
     def _grid(self) -> DVAEConfig:
+        _no_zero3(self.train, "dvae")
         factor = 2 ** (self.group_count - 1)
         if self.image_size % factor:
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^(group_count-1) = {factor}")
@@ -142,6 +155,7 @@ class ClipConfig(Config):
 
     @model_validator(mode="after")
     def _shapes(self) -> ClipConfig:
+        _no_zero3(self.train, "clip")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         for tower in ("vision", "text"):

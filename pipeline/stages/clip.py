@@ -157,8 +157,7 @@ class ClipStage(Stage):
                     progress=ctx.progress,
                 )
                 files += sorted(f"model/{n}" for n in storage.list_names(storage.join(attempt, "model")))
-                train = self.cfg.train
-                trained = train.steps * train.batch_size * train.grad_accum * train.workers
+                trained = self.cfg.train.samples_seen
                 clip = load_clip(storage.join(attempt, "model"))
             else:
                 try:

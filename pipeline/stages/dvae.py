@@ -97,17 +97,27 @@ class DVAETask:
         return ["dvae.pt"]
 
 
+def weight_files(path: str) -> list[str]:
+    """The files of the dVAE weights at `path`: OpenAI's encoder.pkl + decoder.pkl, or our
+    dvae.pt (in a folder or named directly). Raises InputError when there are none."""
+    for names in (["encoder.pkl", "decoder.pkl"], ["dvae.pt"]):
+        urls = [storage.join(path, n) for n in names]
+        if all(storage.exists(u) for u in urls):
+            return urls
+    if path.endswith(".pt") and storage.exists(path):
+        return [path]
+    raise InputError(f"dvae.weights: {path} holds neither dvae.pt nor OpenAI's encoder.pkl and decoder.pkl")
+
+
 def load_weights(path: str):
-    """Our `dvae.pt` (a file or a folder holding one) or OpenAI's encoder.pkl + decoder.pkl."""
+    """The dVAE at `path` (see `weight_files`)."""
     from pipeline.models.dvae import load_dvae, load_openai_dvae
 
-    if storage.exists(storage.join(path, "encoder.pkl")):
-        return load_openai_dvae(storage.join(path, "encoder.pkl"), storage.join(path, "decoder.pkl"))
-    if storage.exists(storage.join(path, "dvae.pt")):
-        return load_dvae(storage.join(path, "dvae.pt"))
-    if path.endswith(".pt") and storage.exists(path):
-        return load_dvae(path)
-    raise InputError(f"dvae.weights: {path} holds neither dvae.pt nor OpenAI's encoder.pkl/decoder.pkl")
+    files = weight_files(path)
+    try:
+        return load_openai_dvae(*files) if len(files) == 2 else load_dvae(files[0])
+    except ValueError as err:
+        raise InputError(f"dvae.weights: {err}") from None
 
 
 class DVAEStage(Stage):
@@ -118,12 +128,7 @@ class DVAEStage(Stage):
     def inspect_inputs(self) -> dict[str, Any]:
         if self.cfg.weights is None:
             return {}
-        path = storage.absolute(self.cfg.weights)
-        names = ["encoder.pkl", "decoder.pkl"] if storage.exists(storage.join(path, "encoder.pkl")) else ["dvae.pt"]
-        urls = [storage.join(path, n) for n in names] if storage.exists(storage.join(path, names[0])) else [path]
-        if not all(storage.exists(u) for u in urls):
-            raise InputError(f"dvae.weights: {path} holds neither dvae.pt nor OpenAI's encoder.pkl/decoder.pkl")
-        return {"weights": checksum_files(urls)}
+        return {"weights": checksum_files(weight_files(storage.absolute(self.cfg.weights)))}
 
     def held_out(self) -> np.ndarray:
         _, held = split_holdout(ledger_spans(self.upstream_url("filter")), self.cfg.reconstructions)
@@ -147,7 +152,7 @@ class DVAEStage(Stage):
                 name=f"{self.recipe.name}-dvae",
                 progress=ctx.progress,
             )
-            return self.cfg.train.steps * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.cfg.train.workers
+            return self.cfg.train.samples_seen
         model = load_weights(storage.absolute(self.cfg.weights))
         if model.image_size != self.cfg.image_size or model.vocab_size != self.cfg.vocab_size:
             raise InputError(
