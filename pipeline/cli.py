@@ -82,7 +82,7 @@ def print_status(rows: list[dict]) -> None:
         table.add_row(
             r["stage"],
             r["state"],
-            f"{r['shards_done']}/{total}",
+            r.get("training") or f"{r['shards_done']}/{total}",
             str(r["samples_in"]),
             str(r["samples_out"]),
             reasons,

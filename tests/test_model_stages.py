@@ -137,6 +137,8 @@ def test_dvae_resumes_from_its_checkpoint_after_sigkill(tmp_path, run):
 
     kill_run_when(["run", str(recipe), "--until", "dvae", "--no-progress"], past_checkpoint, timeout=400)
     assert not (out / "dvae" / "_done.json").exists()
+    status = {r["stage"]: r for r in json.loads(dalle("status", str(recipe), "--json").stdout)}
+    assert status["dvae"]["state"] == "partial" and status["dvae"]["training"].endswith("/100")
     _run(recipe, "dvae")
     metrics = read_metrics(str(out / "dvae" / "metrics.jsonl"))
     resumed = [m["resumed_from"] for m in metrics if "resumed_from" in m]

@@ -22,7 +22,7 @@ from pipeline.data.images import decode_rgb
 from pipeline.data.loader import ledger_spans, read_span, split_holdout
 from pipeline.data.shards import Sample
 from pipeline.stages.base import InputError, RunContext, Stage
-from pipeline.train.trainer import fit
+from pipeline.train.trainer import fit, training_status
 
 SHARD = "model"
 HOLDOUT = 64
@@ -133,6 +133,9 @@ class ClipStage(Stage):
     def held_out(self) -> list[tuple[np.ndarray, str]]:
         _, held = split_holdout(ledger_spans(self.upstream_url("filter")), HOLDOUT)
         return [(decode_rgb(s["jpg"]), s["txt"].decode()) for span in held for s in read_span(span)]
+
+    def status(self) -> dict[str, Any]:
+        return training_status(self, super().status())
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from pipeline.models.clip import load_clip

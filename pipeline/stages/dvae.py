@@ -22,7 +22,7 @@ from pipeline.data.shards import Sample
 from pipeline.ledger import checksum_files
 from pipeline.stages.base import InputError, RunContext, Stage
 from pipeline.train.schedules import cosine
-from pipeline.train.trainer import fit
+from pipeline.train.trainer import fit, training_status
 
 SHARD = "model"
 FILES = ["dvae.pt", "metrics.json", "reconstructions.png"]
@@ -161,6 +161,9 @@ class DVAEStage(Stage):
             )
         save_dvae(model, storage.join(attempt, "dvae.pt"))
         return 0
+
+    def status(self) -> dict[str, Any]:
+        return training_status(self, super().status())
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from pipeline.models.dvae import load_dvae

@@ -151,7 +151,7 @@ class EncodeStage(Stage):
             ShardEncoder,
             fn_constructor_kwargs={"spec": spec},
             batch_size=1,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
             num_cpus=cpus,
             max_restarts=self.cfg.max_task_retries,
