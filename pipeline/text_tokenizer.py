@@ -63,8 +63,12 @@ class TextTokenizer:
 
     def encode(self, caption: str, dropout: bool = False) -> np.ndarray:
         """`text_len` int32 ids: the caption's tokens (truncated), then `pad_id`."""
+        return self.pad(self.ids(caption, dropout))
+
+    def pad(self, ids: list[int]) -> np.ndarray:
+        """`ids` truncated or padded with `pad_id` to `text_len` int32 positions."""
         out = np.full(self.text_len, self.pad_id, dtype=np.int32)
-        ids = self.ids(caption, dropout)[: self.text_len]
+        ids = ids[: self.text_len]
         out[: len(ids)] = ids
         return out
 

@@ -8,7 +8,6 @@ so the folder loads like any HF CLIP. The contrastive loss uses each worker's ow
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -21,10 +20,10 @@ from pipeline.config_models import ClipConfig
 from pipeline.data.images import decode_rgb
 from pipeline.data.loader import ledger_spans, read_span, split_holdout
 from pipeline.data.shards import Sample
-from pipeline.stages.base import InputError, RunContext, Stage
-from pipeline.train.trainer import fit, training_status
+from pipeline.ledger import checksum_files
+from pipeline.stages.base import InputError, RunContext
+from pipeline.stages.model_stage import ModelStage
 
-SHARD = "model"
 HOLDOUT = 64
 
 
@@ -115,10 +114,11 @@ class ClipTask:
         return sorted(f"model/{n}" for n in storage.list_names(storage.join(out_url, "model")))
 
 
-class ClipStage(Stage):
+class ClipStage(ModelStage):
     name = "clip"
     config_key = "clip"
     upstream = ("filter", "text-tokenizer")
+    task = "pipeline.stages.clip:ClipTask"
 
     def inspect_inputs(self) -> dict[str, Any]:
         if self.cfg.weights is None:
@@ -126,60 +126,29 @@ class ClipStage(Stage):
         path = storage.absolute(self.cfg.weights)
         if not storage.exists(storage.join(path, "config.json")):
             raise InputError(f"clip.weights: {path} is not a CLIP folder in Hugging Face format (no config.json)")
-        from pipeline.ledger import checksum_files
-
         return {"weights": checksum_files([storage.join(path, "config.json")])}
 
     def held_out(self) -> list[tuple[np.ndarray, str]]:
         _, held = split_holdout(ledger_spans(self.upstream_url("filter")), HOLDOUT)
         return [(decode_rgb(s["jpg"]), s["txt"].decode()) for span in held for s in read_span(span)]
 
-    def status(self) -> dict[str, Any]:
-        return training_status(self, super().status())
+    def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
+        """Trains into `attempt/model/`; nothing to write when the recipe gives weights."""
+        if self.cfg.weights is not None:
+            return [], 0
+        config = {"clip": self.cfg.model_dump(mode="json"), "tokenizer": self.tokenizer_url()}
+        trained = self.train(attempt, ctx, config, HOLDOUT)
+        return sorted(f"model/{n}" for n in storage.list_names(storage.join(attempt, "model"))), trained
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def score(self, attempt: str) -> tuple[dict[str, float], list[str]]:
         from pipeline.models.clip import load_clip
 
-        self.write_plan(1)
-        if SHARD not in self.ledger.done():
-            started = time.monotonic()
-            attempt = self.ledger.attempt_dir(SHARD)
-            files, trained = ["metrics.json"], 0
-            if self.cfg.weights is None:
-                config = {"clip": self.cfg.model_dump(mode="json"), "tokenizer": self.tokenizer_url()}
-                fit(
-                    self.name,
-                    "pipeline.stages.clip:ClipTask",
-                    config,
-                    self.cfg.train,
-                    data_url=self.upstream_url("filter"),
-                    holdout=HOLDOUT,
-                    out_url=attempt,
-                    stage_url=self.url,
-                    name=f"{self.recipe.name}-clip",
-                    progress=ctx.progress,
-                )
-                files += sorted(f"model/{n}" for n in storage.list_names(storage.join(attempt, "model")))
-                trained = self.cfg.train.samples_seen
-                clip = load_clip(storage.join(attempt, "model"))
-            else:
-                try:
-                    clip = load_clip(storage.absolute(self.cfg.weights))
-                except ValueError as err:
-                    raise InputError(f"clip.weights: {err}") from None
-            scores = retrieval_scores(clip.eval(), self.held_out(), torch.device("cpu"))
-            storage.write_json(storage.join(attempt, "metrics.json"), scores)
-            self.ledger.commit_files(
-                SHARD,
-                attempt,
-                files,
-                samples_in=trained,
-                samples_out=1,
-                fingerprint=ctx.fingerprint.digest,
-                started=started,
-            )
-        scores = storage.read_json(storage.join(self.url, "metrics.json"))
-        return {"shards": 1, "samples_in": self.ledger.done()[SHARD].samples_in, "samples_out": 1, **scores}
+        path = storage.join(attempt, "model") if self.cfg.weights is None else storage.absolute(self.cfg.weights)
+        try:
+            clip = load_clip(path)
+        except ValueError as err:
+            raise InputError(f"clip.weights: {err}") from None
+        return retrieval_scores(clip.eval(), self.held_out(), torch.device("cpu")), []
 
     def tokenizer_url(self) -> str:
         return storage.join(self.upstream_url("text-tokenizer"), "tokenizer.json")

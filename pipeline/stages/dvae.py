@@ -1,13 +1,12 @@
 """dvae: train the discrete VAE on the filtered images (Ray Train + DeepSpeed), or check given
 weights (ours or OpenAI's `encoder.pkl`/`decoder.pkl`); either way the stage commits `dvae.pt`,
-the weights the encode stage uses, and `metrics.json`, their reconstruction error on held-out
-filtered images next to the error of the held-out mean image.
+the weights the encode stage uses, `reconstructions.png` and `metrics.json`: their
+reconstruction error on held-out filtered images next to the error of the held-out mean image.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -20,12 +19,9 @@ from pipeline.data.images import decode_rgb, grid, png_bytes, to_tensor, to_uint
 from pipeline.data.loader import ledger_spans, read_span, split_holdout
 from pipeline.data.shards import Sample
 from pipeline.ledger import checksum_files
-from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.stages.base import InputError, RunContext
+from pipeline.stages.model_stage import ModelStage
 from pipeline.train.schedules import cosine
-from pipeline.train.trainer import fit, training_status
-
-SHARD = "model"
-FILES = ["dvae.pt", "metrics.json", "reconstructions.png"]
 
 
 def schedules(cfg: DVAEConfig, step: int) -> tuple[float, float]:
@@ -120,10 +116,11 @@ def load_weights(path: str):
         raise InputError(f"dvae.weights: {err}") from None
 
 
-class DVAEStage(Stage):
+class DVAEStage(ModelStage):
     name = "dvae"
     config_key = "dvae"
     upstream = ("filter",)
+    task = "pipeline.stages.dvae:DVAETask"
 
     def inspect_inputs(self) -> dict[str, Any]:
         if self.cfg.weights is None:
@@ -134,25 +131,12 @@ class DVAEStage(Stage):
         _, held = split_holdout(ledger_spans(self.upstream_url("filter")), self.cfg.reconstructions)
         return np.stack([decode_rgb(s["jpg"], self.cfg.image_size) for span in held for s in read_span(span)])
 
-    def build(self, attempt: str, ctx: RunContext) -> int:
-        """Trains (or converts the given weights) into `attempt/dvae.pt`; returns the samples
-        trained on."""
+    def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
+        """Trains (or converts the given weights) into `attempt/dvae.pt`."""
         from pipeline.models.dvae import save_dvae
 
         if self.cfg.weights is None:
-            fit(
-                self.name,
-                "pipeline.stages.dvae:DVAETask",
-                self.cfg.model_dump(mode="json"),
-                self.cfg.train,
-                data_url=self.upstream_url("filter"),
-                holdout=self.cfg.reconstructions,
-                out_url=attempt,
-                stage_url=self.url,
-                name=f"{self.recipe.name}-dvae",
-                progress=ctx.progress,
-            )
-            return self.cfg.train.samples_seen
+            return ["dvae.pt"], self.train(attempt, ctx, self.cfg.model_dump(mode="json"), self.cfg.reconstructions)
         model = load_weights(storage.absolute(self.cfg.weights))
         if model.image_size != self.cfg.image_size or model.vocab_size != self.cfg.vocab_size:
             raise InputError(
@@ -160,31 +144,12 @@ class DVAEStage(Stage):
                 f"the recipe says dvae.image_size={self.cfg.image_size}, dvae.vocab_size={self.cfg.vocab_size}"
             )
         save_dvae(model, storage.join(attempt, "dvae.pt"))
-        return 0
+        return ["dvae.pt"], 0
 
-    def status(self) -> dict[str, Any]:
-        return training_status(self, super().status())
-
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def score(self, attempt: str) -> tuple[dict[str, float], list[str]]:
         from pipeline.models.dvae import load_dvae
 
-        self.write_plan(1)
-        if SHARD not in self.ledger.done():
-            started = time.monotonic()
-            attempt = self.ledger.attempt_dir(SHARD)
-            trained = self.build(attempt, ctx)
-            model = load_dvae(storage.join(attempt, "dvae.pt"))
-            scores, image = reconstruction_scores(model, self.held_out(), torch.device("cpu"))
-            storage.write_json(storage.join(attempt, "metrics.json"), scores)
-            storage.write_atomic(storage.join(attempt, "reconstructions.png"), png_bytes(image))
-            self.ledger.commit_files(
-                SHARD,
-                attempt,
-                FILES,
-                samples_in=trained,
-                samples_out=1,
-                fingerprint=ctx.fingerprint.digest,
-                started=started,
-            )
-        scores = storage.read_json(storage.join(self.url, "metrics.json"))
-        return {"shards": 1, "samples_in": self.ledger.done()[SHARD].samples_in, "samples_out": 1, **scores}
+        model = load_dvae(storage.join(attempt, "dvae.pt"))
+        scores, image = reconstruction_scores(model, self.held_out(), torch.device("cpu"))
+        storage.write_atomic(storage.join(attempt, "reconstructions.png"), png_bytes(image))
+        return scores, ["reconstructions.png"]

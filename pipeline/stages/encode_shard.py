@@ -113,7 +113,7 @@ def encode_shard(models: Encoders, payload: dict[str, Any]) -> ShardRecord:
     for i in np.flatnonzero(keep):
         sample, meta = samples[i], manifest[i]
         ids = models.text.ids(captions[i])
-        text_tokens = models.text.encode(captions[i]).astype(np.uint16)
+        text_tokens = models.text.pad(ids).astype(np.uint16)
         info = {**json.loads(sample["json"]), "clip_similarity": round(float(similarity[i]), 6)}
         out.append(
             {

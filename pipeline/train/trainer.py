@@ -109,14 +109,6 @@ def fit(
         progress.finish(label)
 
 
-def training_status(stage: Any, status: dict[str, Any]) -> dict[str, Any]:
-    """A model stage's status with its training step while it trains (for `dalle status`)."""
-    progress = storage.read_json_or_none(progress_url(stage.url))
-    if status["state"] != "complete" and progress is not None:
-        status["training"] = f"step {progress['step']}/{progress['steps']}"
-    return status
-
-
 def progress_url(stage_url: str) -> str:
     """Where rank 0 writes its latest step (read by the driver's progress bar and `dalle status`)."""
     return storage.join(train_storage(stage_url), "progress.json")
