@@ -3,6 +3,8 @@
     dalle run RECIPE [key=value ...] [--force STAGE] [--until STAGE] [--address ADDR]
     dalle status RECIPE [key=value ...] [--json]
     dalle validate STAGE_DIR [--json]
+    dalle export CKPT OUT [--weights ema|model]
+    dalle plan RECIPE [key=value ...] --gpus N --gpu-mem GB [--gpus-per-node 8] [--json]
 
 User mistakes (bad recipe, bad input, output written by another recipe) print one line and exit
 with code 2; a stage whose shards failed exits with 1 (rerun to retry them), as does `validate`
@@ -53,7 +55,38 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a stage's shards (ingest, filter, encode) against schemas/")
     validate.add_argument("path", help="a stage folder, e.g. runs/demo/encode")
     validate.add_argument("--json", action="store_true", help="print JSON")
+
+    export = sub.add_parser("export", help="consolidated model weights from a training checkpoint")
+    export.add_argument("checkpoint", help="a checkpoint_* folder, or a train stage folder (its newest checkpoint)")
+    export.add_argument("out", help="output folder (model.pt + config.json)")
+    export.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="the EMA weights (when kept) or the engine's"
+    )
+
+    plan = sub.add_parser("plan", help="will the recipe's transformer training fit a cluster? (memory per GPU)")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs in total (data-parallel workers)")
+    plan.add_argument("--gpu-mem", type=_positive_float, required=True, metavar="GB", help="memory per GPU")
+    plan.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def _when(ts: float | None) -> str:
@@ -154,6 +187,24 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import describe, export
+
+    print(describe(export(args.checkpoint, args.out, args.weights)))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import format_plan, plan
+    from pipeline.stages.train import plan_inputs
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    shape, request = plan_inputs(recipe, args.gpus, args.gpu_mem, args.gpus_per_node)
+    result = plan(shape, request)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -163,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.executor import StageFailed
 
     try:
-        return {"run": _run, "status": _status, "validate": _validate}[args.command](args)
+        return COMMANDS[args.command](args)
     except USER_ERRORS as err:
         print(f"dalle: error: {err}", file=sys.stderr)
         return 2
@@ -174,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print("dalle: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
+
+COMMANDS = {"run": _run, "status": _status, "validate": _validate, "export": _export, "plan": _plan}
 
 if __name__ == "__main__":
     sys.exit(main())

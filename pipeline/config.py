@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.config_base import Config as _Config
-from pipeline.config_models import ClipConfig, DVAEConfig, EncodeConfig
+from pipeline.config_models import ClipConfig, DVAEConfig, EncodeConfig, TransformerConfig
 
 
 class RecipeError(ValueError):
@@ -184,6 +184,8 @@ class Recipe(_Config):
     """CLIP stage: train a CLIP on the filtered pairs, or check given weights."""
     encode: EncodeConfig = EncodeConfig()
     """Encode stage: image tokens, text tokens and CLIP embeddings per filtered shard."""
+    transformer: TransformerConfig = TransformerConfig()
+    """Train stage: the DALL·E transformer trained on the encoded shards."""
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -45,7 +45,18 @@ class TrainConfig(Config):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Training precision on GPU (fp16 uses dynamic loss scaling); CPU training always runs fp32."""
     zero_stage: int = Field(0, ge=0, le=3)
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage: 1 partitions the optimizer states over the workers, 2 also the
+    gradients, 3 also the parameters."""
+    offload_optimizer: bool = False
+    """Keep the optimizer states (and the step) on CPU memory (ZeRO-Offload; zero_stage >= 1)."""
+    offload_params: bool = False
+    """Keep the parameters on CPU memory between uses (ZeRO-Infinity; zero_stage 3)."""
+    loader_workers: int = Field(0, ge=0, le=64)
+    """Data-loader processes per worker decoding samples (0 decodes in the training process);
+    the sample order does not depend on it."""
+    log_sample_keys: bool = False
+    """Record the key of every sample each rank trains on, per checkpoint interval, under
+    `_train/sample_keys/` (to audit the data order across restarts)."""
     ema_decay: float | None = Field(0.999, ge=0, lt=1)
     """Decay of the exponential moving average of the weights (saved and exported); null: none."""
     checkpoint_every: int = Field(1000, ge=1)
@@ -63,6 +74,14 @@ class TrainConfig(Config):
     wandb_project: str | None = None
     """W&B project; null logs offline under the stage folder (`wandb sync` uploads later)."""
 
+    @model_validator(mode="after")
+    def _offload(self) -> TrainConfig:
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
     @property
     def samples_seen(self) -> int:
         """Samples a full run trains on (updates x global batch)."""
@@ -70,8 +89,8 @@ class TrainConfig(Config):
 
 
 def _no_zero3(train: TrainConfig, section: str) -> None:
-    # EMA and export read whole parameters on rank 0; ZeRO-3 partitions them (the transformer's
-    # trainer gathers them; these small models have no use for ZeRO-3)
+    # the dVAE and CLIP fit on one device many times over, and their tasks evaluate the
+    # module directly (HF's CLIP under ZeRO-3 is untested here); ZeRO-3 is for the transformer
     if train.zero_stage == 3:
         raise ValueError(f"{section}.train.zero_stage 3 is not supported for this model; use 0, 1 or 2")
 
@@ -181,3 +200,56 @@ class EncodeConfig(Config):
     ViT-B/32); null keeps every pair."""
     max_task_retries: int = Field(2, ge=0)
     """Times a failed shard is retried before the stage fails."""
+
+
+class TransformerConfig(Config):
+    """The DALL·E transformer over [text tokens | image tokens] and its training (the `train`
+    stage). Sizes come from `preset`; the text and image vocabularies and lengths come from the
+    encoded shards. Defaults are the paper's 12B model and optimiser."""
+
+    preset: Literal["demo", "small", "1.3b", "12b"] = "12b"
+    """Model size: demo (CPU-sized), small (~120M), 1.3b, 12b (64 layers, 62 heads x 64)."""
+    layers: int | None = Field(None, ge=1)
+    """Overrides the preset's number of layers."""
+    heads: int | None = Field(None, ge=1)
+    """Overrides the preset's attention heads."""
+    head_dim: int | None = Field(None, ge=8)
+    """Overrides the preset's width per head."""
+    mlp_ratio: int = Field(4, ge=1)
+    """MLP width as a multiple of the model width."""
+    conv_kernel: int = Field(11, ge=1)
+    """Side of the causal convolutional attention window of the last layer (odd)."""
+    attention: Literal["auto", "flex", "sdpa"] = "auto"
+    """Attention kernel: FlexAttention block masks (auto on CUDA) or SDPA with dense masks (auto on CPU)."""
+    checkpoint_activations: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+    text_loss_weight: float = Field(0.125, ge=0)
+    """Weight of the text cross-entropy (the paper: 1/8)."""
+    image_loss_weight: float = Field(0.875, ge=0)
+    """Weight of the image cross-entropy (the paper: 7/8)."""
+    holdout: int = Field(256, ge=0)
+    """Encoded samples (the last in shard order) kept out of training to measure held-out loss."""
+    eval_batch_size: int = Field(16, ge=1)
+    """Samples per forward pass when measuring the held-out loss."""
+    train: TrainConfig = TrainConfig(
+        steps=430_000,
+        batch_size=1,
+        grad_accum=1,
+        lr=4.5e-4,
+        min_lr=4.5e-6,
+        warmup_steps=5000,
+        betas=(0.9, 0.96),
+        eps=1e-8,
+        weight_decay=4.5e-2,
+        grad_clip=4.0,
+        zero_stage=2,
+        ema_decay=0.9999,
+    )
+    """Trainer settings (the paper: AdamW (0.9, 0.96), eps 1e-8, wd 4.5e-2, clip 4, lr 4.5e-4
+    after 5000 warm-up updates, batch 1024, parameter EMA)."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> TransformerConfig:
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel {self.conv_kernel} must be odd")
+        return self

@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "dvae": "pipeline.stages.dvae:DVAEStage",
     "clip": "pipeline.stages.clip:ClipStage",
     "encode": "pipeline.stages.encode:EncodeStage",
+    "train": "pipeline.stages.train:TrainStage",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,3 +121,87 @@ def compare_stage(got_dir: Path, ref_dir: Path) -> dict[str, int]:
         "different": sum(1 for k in ref.keys() & got.keys() if got[k] != ref[k]),
         "samples": len(got),
     }
+
+
+TINY = {
+    "dvae": {
+        "vocab_size": 128,
+        "n_hid": 32,
+        "n_init": 32,
+        "temperature_steps": 40,
+        "kl_steps": 50,
+        "reconstructions": 8,
+        "train": {
+            "steps": 100,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "min_lr": 1e-4,
+            "checkpoint_every": 40,
+            "log_every": 5,
+            "ema_decay": 0.9,
+        },
+    },
+    "clip": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_width": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_width": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "text_len": 16,
+        "embed_dim": 16,
+        "train": {"steps": 10, "batch_size": 16, "checkpoint_every": 10, "log_every": 5},
+    },
+    "encode": {"batch_size": 32, "clip_threshold": None},
+    "transformer": {
+        "preset": "demo",
+        "heads": 2,
+        "head_dim": 16,
+        "holdout": 16,
+        "train": {
+            "workers": 2,
+            "steps": 12,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "min_lr": 1e-4,
+            "warmup_steps": 2,
+            "zero_stage": 2,
+            "checkpoint_every": 4,
+            "log_every": 2,
+            "keep_checkpoints": 3,
+            "max_failures": 2,
+            "ema_decay": None,
+            "log_sample_keys": True,
+        },
+    },
+}
+
+
+def merge_dicts(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = merge_dicts(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def run_until(recipe, until):
+    result = dalle("run", str(recipe), "--until", until, "--no-progress", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def copy_stages(src, dst, stages):
+    """A run folder holding only `stages` of `src` (what a run had finished before a crash)."""
+    for stage in stages:
+        shutil.copytree(src / stage, dst / stage)
+
+
+def recipe_at(tmp_path, run, stages):
+    out, recipe = run
+    data = yaml.safe_load(recipe.read_text())
+    data["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    copy_stages(out, tmp_path / "out", stages)
+    return path, tmp_path / "out"

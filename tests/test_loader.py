@@ -83,3 +83,16 @@ def test_a_shard_shorter_than_its_ledger_is_refused(spans):
 def test_too_few_samples_for_the_ranks(spans):
     with pytest.raises(ShardError, match="cannot feed 30 ranks"):
         ShardStream(spans, rank=0, world=30, seed=0, decode=lambda s: s)
+
+
+def _key(sample):
+    return sample["__key__"]
+
+
+def test_loader_workers_keep_the_sequence(spans):
+    """Decoding in 2 DataLoader processes yields the very batches of in-process decoding,
+    across an epoch boundary and from a resume position."""
+    stream = ShardStream(spans, rank=1, world=2, seed=3, decode=_key)
+    ref = list(itertools.islice(stream.batches(3, position=4), 9))
+    assert [len(b) for b in ref] == [3] * 9  # 4 + 27 samples: three epochs of a 10-sample slice
+    assert list(itertools.islice(stream.batches(3, position=4, workers=2), 9)) == ref

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from helpers import compare_stage, dalle, free_port, kill_run_when, small_recipe
+from helpers import TINY, compare_stage, dalle, free_port, kill_run_when, recipe_at, run_until
 
 from pipeline.config_models import DVAEConfig
 from pipeline.data.images import decode_rgb, to_tensor
@@ -29,79 +29,6 @@ from pipeline.text_tokenizer import TextTokenizer
 from pipeline.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "dvae": {
-        "vocab_size": 128,
-        "n_hid": 32,
-        "n_init": 32,
-        "temperature_steps": 40,
-        "kl_steps": 50,
-        "reconstructions": 8,
-        "train": {
-            "steps": 100,
-            "batch_size": 16,
-            "lr": 3e-3,
-            "min_lr": 1e-4,
-            "checkpoint_every": 40,
-            "log_every": 5,
-            "ema_decay": 0.9,
-        },
-    },
-    "clip": {
-        "image_size": 32,
-        "patch_size": 8,
-        "vision_width": 32,
-        "vision_layers": 1,
-        "vision_heads": 2,
-        "text_width": 32,
-        "text_layers": 1,
-        "text_heads": 2,
-        "text_len": 16,
-        "embed_dim": 16,
-        "train": {"steps": 10, "batch_size": 16, "checkpoint_every": 10, "log_every": 5},
-    },
-    "encode": {"batch_size": 32, "clip_threshold": None},
-}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
-
-
-def _run(recipe, until):
-    result = dalle("run", str(recipe), "--until", until, "--no-progress", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _copy(src, dst, stages):
-    """A run folder holding only `stages` of `src` (what a run had finished before a crash)."""
-    for stage in stages:
-        shutil.copytree(src / stage, dst / stage)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One uninterrupted run through encode: (output dir, recipe path, recipe data)."""
-    tmp = tmp_path_factory.mktemp("models")
-    recipe = small_recipe(tmp / "recipe.yaml", tmp / "out", port=free_port())
-    data = _merge(yaml.safe_load(recipe.read_text()), TINY)
-    recipe.write_text(yaml.safe_dump(data))
-    _run(recipe, "encode")
-    return tmp / "out", recipe
-
-
-def _recipe_at(tmp_path, run, stages):
-    out, recipe = run
-    data = yaml.safe_load(recipe.read_text())
-    data["output_dir"] = str(tmp_path / "out")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    _copy(out, tmp_path / "out", stages)
-    return path, tmp_path / "out"
 
 
 def test_dvae_training_logs_its_schedules_and_measures_its_reconstructions(run):
@@ -126,7 +53,7 @@ def test_dvae_training_logs_its_schedules_and_measures_its_reconstructions(run):
 
 
 def test_dvae_resumes_from_its_checkpoint_after_sigkill(tmp_path, run):
-    recipe, out = _recipe_at(tmp_path, run, ["ingest", "filter", "text-tokenizer"])
+    recipe, out = recipe_at(tmp_path, run, ["ingest", "filter", "text-tokenizer"])
     progress = out / "dvae" / "_train" / "progress.json"
 
     def past_checkpoint():
@@ -139,7 +66,7 @@ def test_dvae_resumes_from_its_checkpoint_after_sigkill(tmp_path, run):
     assert not (out / "dvae" / "_done.json").exists()
     status = {r["stage"]: r for r in json.loads(dalle("status", str(recipe), "--json").stdout)}
     assert status["dvae"]["state"] == "partial" and status["dvae"]["training"].endswith("/100")
-    _run(recipe, "dvae")
+    run_until(recipe, "dvae")
     metrics = read_metrics(str(out / "dvae" / "metrics.jsonl"))
     resumed = [m["resumed_from"] for m in metrics if "resumed_from" in m]
     assert resumed and resumed[0] >= 40  # it went on from a checkpoint, not from step 0
@@ -237,7 +164,7 @@ def test_clip_threshold_drops_exactly_the_pairs_below_it(tmp_path, run):
 
 
 def test_encode_resumes_after_sigkill_with_nothing_lost_or_duplicated(tmp_path, run):
-    recipe, out = _recipe_at(tmp_path, run, ["ingest", "filter", "text-tokenizer", "dvae", "clip"])
+    recipe, out = recipe_at(tmp_path, run, ["ingest", "filter", "text-tokenizer", "dvae", "clip"])
     ledger = out / "encode" / "_ledger"
     kill_run_when(
         ["run", str(recipe), "--until", "encode", "--no-progress"],
@@ -246,7 +173,7 @@ def test_encode_resumes_after_sigkill_with_nothing_lost_or_duplicated(tmp_path, 
     partial = len(list(ledger.glob("*.json")))
     total = len(Ledger(str(out / "filter")).done())
     assert 1 <= partial < total
-    _run(recipe, "encode")
+    run_until(recipe, "encode")
     diff = compare_stage(out / "encode", run[0] / "encode")
     assert diff["samples"] > 0
     assert {k: diff[k] for k in ("missing", "extra", "duplicate", "different")} == dict.fromkeys(
@@ -304,7 +231,7 @@ def test_validate_refuses_a_folder_that_is_not_a_shard_set(run, tmp_path):
 def test_dvae_stage_uses_openai_weights_instead_of_training(tmp_path, run):
     import dall_e
 
-    recipe, out = _recipe_at(tmp_path, run, ["ingest", "filter", "text-tokenizer"])
+    recipe, out = recipe_at(tmp_path, run, ["ingest", "filter", "text-tokenizer"])
     torch.manual_seed(0)
     weights = tmp_path / "openai"
     weights.mkdir()

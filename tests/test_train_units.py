@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config_models import DVAEConfig, TrainConfig
 from pipeline.stages.dvae import codebook_stats, schedules
-from pipeline.train.ema import EMA
+from pipeline.train.ema import EMA, merge_shards
 from pipeline.train.engine import deepspeed_config, merge
 from pipeline.train.loop import step_seed
 from pipeline.train.schedules import cosine, learning_rate
@@ -67,19 +67,29 @@ def test_merge_is_recursive_and_does_not_modify_its_inputs():
     assert base == {"a": {"b": 1, "c": 2}, "d": 3}
 
 
-def test_ema_tracks_the_weights():
-    model = torch.nn.Linear(2, 2)
-    ema = EMA(model, decay=0.5)
-    start = model.weight.detach().clone()
+def test_ema_shards_track_the_weights_and_merge_back():
+    """Three ranks each keep a third of every parameter (7 and 3 elements: padded slices);
+    merged, the shards are the EMA of the whole weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 1)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    shards = [EMA(model, decay=0.5, rank=r, world=3) for r in range(3)]
+    assert [s.shadow["weight"].numel() for s in shards] == [3, 3, 3]
     with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)
-    torch.testing.assert_close(ema.state_dict()["weight"], start + 0.5)
-    other = EMA(model, decay=0.5)
-    other.load_state_dict(ema.state_dict())
-    torch.testing.assert_close(other.state_dict()["weight"], start + 0.5)
-    with pytest.raises(ValueError, match="does not match the model"):
-        other.load_state_dict({"weight": start})
+        for p in model.parameters():
+            p.add_(1.0)
+    for shard in shards:
+        shard.update(model)
+    merged = merge_shards([s.state_dict() for s in reversed(shards)])
+    for name, value in start.items():
+        torch.testing.assert_close(merged[name], value + 0.5)
+    again = EMA(model, decay=0.5, rank=1, world=3)
+    again.load_state_dict(shards[1].state_dict())
+    torch.testing.assert_close(again.shadow["weight"], shards[1].shadow["weight"])
+    with pytest.raises(ValueError, match="does not match"):
+        again.load_state_dict(shards[2].state_dict())
+    with pytest.raises(ValueError, match="do not cover"):
+        merge_shards([shards[0].state_dict(), shards[2].state_dict()])
 
 
 def test_step_seeds_differ_by_step_rank_and_micro_batch():

@@ -9,6 +9,11 @@ stream given that position yields exactly what the uninterrupted one would have.
 
 Shard lengths come from the ledger, so planning reads no data; a shard that holds fewer samples
 than its ledger says (truncated, rewritten) is an error, never a silent skip.
+
+With `workers` > 0 a rank's batches are decoded by that many DataLoader processes: worker w
+decodes batches w, w + workers, ... of the rank's sequence, and the DataLoader hands them back
+round-robin, so the sequence is the same for any number of workers (a run may resume with a
+different `loader_workers`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
 from pipeline.data.shards import Sample, iter_samples
@@ -134,19 +140,47 @@ class ShardStream:
             if offset >= hi:
                 return
 
-    def samples(self, position: int = 0) -> Iterator[Any]:
-        """Decoded samples from `position` (samples this rank already consumed) on."""
+    def raw_samples(self, position: int = 0) -> Iterator[Sample]:
+        """Undecoded samples from `position` (samples this rank already consumed) on."""
         epoch, start = divmod(position, self.per_rank)
         while True:
-            for sample in self._epoch_samples(epoch, start):
-                yield self.decode(sample)
+            yield from self._epoch_samples(epoch, start)
             epoch, start = epoch + 1, 0
 
-    def batches(self, batch_size: int, position: int = 0) -> Iterator[list[Any]]:
-        """Lists of `batch_size` decoded samples, cut from the continuous stream."""
-        batch: list[Any] = []
-        for item in self.samples(position):
-            batch.append(item)
+    def samples(self, position: int = 0) -> Iterator[Any]:
+        """Decoded samples from `position` on."""
+        return map(self.decode, self.raw_samples(position))
+
+    def raw_batches(self, batch_size: int, position: int = 0) -> Iterator[list[Sample]]:
+        """Lists of `batch_size` undecoded samples, cut from the continuous stream."""
+        batch: list[Sample] = []
+        for sample in self.raw_samples(position):
+            batch.append(sample)
             if len(batch) == batch_size:
                 yield batch
                 batch = []
+
+    def batches(self, batch_size: int, position: int = 0, workers: int = 0) -> Iterator[list[Any]]:
+        """Lists of `batch_size` decoded samples; decoded by `workers` DataLoader processes when > 0."""
+        if workers == 0:
+            return ([self.decode(s) for s in batch] for batch in self.raw_batches(batch_size, position))
+        dataset = _WorkerBatches(self, batch_size, position)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=4))
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _WorkerBatches(IterableDataset):
+    """Batch i of the rank's stream is decoded by DataLoader worker i % workers."""
+
+    def __init__(self, stream: ShardStream, batch_size: int, position: int):
+        self.stream, self.batch_size, self.position = stream, batch_size, position
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, batch in enumerate(self.stream.raw_batches(self.batch_size, self.position)):
+            if index % workers == worker:
+                yield [self.stream.decode(s) for s in batch]

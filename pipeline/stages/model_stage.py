@@ -1,6 +1,6 @@
-"""The shape every model stage (dvae, clip) shares: one "model" shard that is either trained
+"""The shape every model stage (dvae, clip, train) shares: one "model" shard that is either trained
 with `pipeline.train.trainer.fit` or taken from the recipe's weights, then scored on held-out
-filtered samples and committed with its `metrics.json` through the ledger."""
+samples and committed with its `metrics.json` through the ledger."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class ModelStage(Stage):
 
     task: str
     """The `TrainTask` as "module:Class"."""
+    data_stage: str = "filter"
+    """The stage whose committed shards the model trains on."""
 
     def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
         """Writes the model into `attempt`; returns its files and the samples trained on."""
@@ -35,7 +37,7 @@ class ModelStage(Stage):
             self.task,
             config,
             self.cfg.train,
-            data_url=self.upstream_url("filter"),
+            data_url=self.upstream_url(self.data_stage),
             holdout=holdout,
             out_url=attempt,
             stage_url=self.url,

@@ -37,6 +37,10 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, An
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.offload_params:
+        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     if cfg.grad_clip is not None:
         ds["gradient_clipping"] = cfg.grad_clip
     if on_gpu:
@@ -47,6 +51,7 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, An
         if cfg.precision == "bf16":
             ds["bf16"] = {"enabled": True}
         elif cfg.precision == "fp16":
+            # loss_scale 0: dynamic loss scaling (halved on overflow, the step skipped)
             ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return merge(ds, cfg.deepspeed)
 
@@ -65,6 +70,14 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world: int, on_gpu: bool):
         model=model, optimizer=optimizer, model_parameters=model.parameters(), config=ds, dist_init_required=False
     )
     return engine
+
+
+def loss_scale(engine) -> float | None:
+    """The current fp16 loss scale, or None when the engine does not scale the loss."""
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    return float(scale) if scale is not None else None
 
 
 def set_lr(engine, lr: float) -> None:

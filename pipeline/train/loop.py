@@ -3,7 +3,8 @@
 A task says how to build the model, decode and collate samples, compute the loss of a batch at a
 step, evaluate on held-out samples and export the final weights; this loop does the rest: the
 DeepSpeed engine, the learning-rate schedule, the resumable data stream, per-step noise seeded
-from (seed, step, rank) so a resumed run draws the same noise, EMA, metrics, checkpoints.
+from (seed, step, rank) so a resumed run draws the same noise, the sharded EMA, metrics,
+checkpoints.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainTask(Protocol):
-    """What a trained model contributes to the loop (constructed with its stage config dict)."""
+    """What a trained model contributes to the loop (constructed with its stage config dict).
+    Optional: `tokens_per_sample` and `flops_per_token` attributes (for tokens/s and MFU)."""
 
     def build_model(self) -> nn.Module: ...
 
@@ -43,7 +45,8 @@ class TrainTask(Protocol):
     def evaluate(
         self, model: nn.Module, held: list[Any], device: torch.device
     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Metrics and uint8 image grids on the held-out samples (rank 0, at checkpoints)."""
+        """Metrics and uint8 image grids on the held-out samples: on every rank with the engine's
+        module (a ZeRO-3 forward is collective), and on rank 0 with the gathered EMA weights."""
 
     def export(self, model: nn.Module, out_url: str) -> list[str]:
         """Writes the final weights under `out_url`; returns the file names."""
@@ -56,6 +59,16 @@ def load_task(path: str, config: dict[str, Any]) -> TrainTask:
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63)
+
+
+class KeyedDecode:
+    """Decodes a sample and keeps its key beside it (picklable for DataLoader workers)."""
+
+    def __init__(self, task: TrainTask):
+        self.task = task
+
+    def __call__(self, sample: Sample) -> tuple[str, Any]:
+        return sample["__key__"], self.task.decode(sample)
 
 
 def _mean_across_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -79,11 +92,11 @@ def train_worker(spec: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.tracking import Tracker, new_run_id
-    from pipeline.train import checkpoint
+    from pipeline.train import checkpoint, throughput
     from pipeline.train.ema import EMA
-    from pipeline.train.engine import autocast_dtype, build_engine, set_lr
+    from pipeline.train.engine import autocast_dtype, build_engine, loss_scale, set_lr
     from pipeline.train.schedules import learning_rate
-    from pipeline.train.trainer import progress_url
+    from pipeline.train.trainer import progress_url, sample_keys_url
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -94,7 +107,7 @@ def train_worker(spec: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)
     engine = build_engine(task.build_model(), cfg, world, on_gpu)
-    ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay is not None and rank == 0 else None
+    ema = EMA(engine.module, cfg.ema_decay, rank, world) if cfg.ema_decay is not None else None
     state = checkpoint.load(engine, ema, world) or {"step": 0, "run_id": new_run_id(), "world": world}
     step = state["step"]
 
@@ -107,25 +120,32 @@ def train_worker(spec: dict[str, Any]) -> None:
         if step:
             tracker.log({"resumed_from": step}, step)
     train_spans, held_spans = split_holdout(ledger_spans(spec["data_url"]), spec["holdout"])
-    stream = ShardStream(train_spans, rank=rank, world=world, seed=cfg.seed, decode=task.decode)
-    held = [task.decode(s) for span in held_spans for s in read_span(span)] if rank == 0 else []
+    stream = ShardStream(train_spans, rank=rank, world=world, seed=cfg.seed, decode=KeyedDecode(task))
+    held = [task.decode(s) for span in held_spans for s in read_span(span)]
     per_step = cfg.batch_size * cfg.grad_accum
-    batches = stream.batches(cfg.batch_size, position=step * per_step)
+    batches = stream.batches(cfg.batch_size, position=step * per_step, workers=cfg.loader_workers)
     if step:
         log.info("rank %d resumes at step %d (sample %d)", rank, step, step * per_step)
+    peak = throughput.peak_flops(device, cfg.precision if on_gpu else "fp32")
+    keys_url = sample_keys_url(spec["run_url"], rank)
 
     window: list[dict[str, float]] = []
+    keys: list[list[str]] = []
     started, window_start = time.monotonic(), step
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
         set_lr(engine, lr)
+        step_keys: list[str] = []
         for micro in range(cfg.grad_accum):
-            batch = task.collate(next(batches), device, dtype)
+            keyed = next(batches)
+            step_keys += [key for key, _ in keyed]
+            batch = task.collate([item for _, item in keyed], device, dtype)
             generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank, micro))
             loss, metrics = task.loss(engine, batch, step, generator)
             engine.backward(loss)
             engine.step()
             window.append({"loss": float(loss.detach()), **metrics})
+        keys.append(step_keys)
         step += 1
         if ema is not None:
             ema.update(engine.module)
@@ -134,37 +154,67 @@ def train_worker(spec: dict[str, Any]) -> None:
             metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
             metrics = _mean_across_ranks(metrics, device)
             seconds = time.monotonic() - started
-            metrics.update(lr=lr, samples_per_s=(step - window_start) * per_step * world / max(seconds, 1e-9))
+            samples_per_s = (step - window_start) * per_step * world / max(seconds, 1e-9)
+            metrics.update(lr=lr, samples_per_s=samples_per_s, **throughput.memory_gb(device))
+            if hasattr(task, "tokens_per_sample"):
+                metrics.update(
+                    throughput.rates(samples_per_s, task.tokens_per_sample, task.flops_per_token, world, peak)
+                )
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
+            scale = loss_scale(engine)
+            if scale is not None:
+                metrics["loss_scale"] = scale
             window, started, window_start = [], time.monotonic(), step
             if tracker is not None:
                 tracker.log(metrics, step)
-                progress = {"step": step, "steps": cfg.steps, "samples_per_s": metrics["samples_per_s"]}
+                progress = {"step": step, "steps": cfg.steps, "samples_per_s": samples_per_s}
                 storage.write_json(progress_url(spec["run_url"]), progress)
         if step % cfg.checkpoint_every == 0 or last:
+            scores, images = _evaluate(engine, ema, task, held, device, rank)
             if tracker is not None:
-                model = _eval_model(engine, ema, task).eval()
-                scores, images = task.evaluate(model, held, device)
-                engine.module.train()
                 tracker.log(scores, step)
                 tracker.log_images(images, step)
                 tracker.flush()
+            if cfg.log_sample_keys:  # written before the checkpoint: a rerun rewrites the same file
+                storage.write_json(storage.join(keys_url, f"{step:08d}.json"), {"last_step": step, "keys": keys})
+            keys = []
             state = {**state, "step": step, "samples_per_rank": step * per_step}
-            checkpoint.save(engine, ema, state, {"step": step}, rank)
+            task_spec = {"task": spec["task"], "config": spec["config"]}
+            checkpoint.save(engine, ema, state, task_spec, {"step": step}, rank)
 
+    model = _whole_model(engine, ema, task)
     if rank == 0:
-        model = _eval_model(engine, ema, task)
         task.export(model, spec["out_url"])
         tracker.finish()
 
 
-def _eval_model(engine, ema, task: TrainTask) -> nn.Module:
-    """The weights to evaluate and export: the EMA's when kept, else the engine's."""
-    if ema is None:
-        return engine.module
+def _whole_model(engine, ema, task: TrainTask) -> nn.Module | None:
+    """The weights to evaluate and export as a plain module on rank 0 (None elsewhere): the
+    EMA's when kept, else the engine's, gathered from the partitions. Collective."""
+    from pipeline.train.weights import live_state, load_weights
+
+    state = live_state(engine, ema)
+    if state is None:
+        return None
     with torch.random.fork_rng(devices=[]):  # building must not move the global RNG
-        model = task.build_model().to(next(engine.module.parameters()).device)
-    model.load_state_dict({k: v.to(dtype=model.state_dict()[k].dtype) for k, v in ema.state_dict().items()})
-    return model.eval()
+        model = task.build_model()
+    return load_weights(model, state).to(engine.device).eval()
+
+
+def _evaluate(engine, ema, task: TrainTask, held: list[Any], device: torch.device, rank: int):
+    """Held-out metrics and images (meaningful on rank 0): the engine's, measured on every rank
+    (a ZeRO-3 forward is collective), and with an EMA also the EMA's on rank 0, prefixed `ema_`
+    (its images are the ones shown)."""
+    engine.module.eval()
+    try:
+        scores, images = task.evaluate(engine.module, held, device)
+    finally:
+        engine.module.train()
+    if ema is not None:
+        model = _whole_model(engine, ema, task)
+        if rank == 0:
+            ema_scores, images = task.evaluate(model, held, device)
+            scores = {**scores, **{f"ema_{k}": v for k, v in ema_scores.items()}}
+    return scores, images

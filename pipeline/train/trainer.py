@@ -59,6 +59,12 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.train.checkpoint import CheckpointMismatch, resumable
+
+    try:  # refuse a resume with another world size here, not deep inside DeepSpeed
+        resumable(storage.join(train_storage(stage_url), "run"), cfg.workers)
+    except CheckpointMismatch as err:
+        raise StageFailed(f"stage '{label}': {err}") from None
     use_gpu = wants_gpu(cfg)
     spec = {
         "task": task,
@@ -112,6 +118,11 @@ def fit(
 def progress_url(stage_url: str) -> str:
     """Where rank 0 writes its latest step (read by the driver's progress bar and `dalle status`)."""
     return storage.join(train_storage(stage_url), "progress.json")
+
+
+def sample_keys_url(stage_url: str, rank: int) -> str:
+    """Where rank `rank` records the keys it trained on (`train.log_sample_keys`)."""
+    return storage.join(train_storage(stage_url), "sample_keys", f"rank_{rank:05d}")
 
 
 def _train_worker(spec: dict[str, Any]) -> None:

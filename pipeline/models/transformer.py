@@ -1,0 +1,267 @@
+"""The DALL·E decoder-only transformer (Ramesh et al. 2021) over text and image tokens, with its config, presets and
+analytic parameter/FLOP counts.
+
+Sequence layout. A sample is `text` (LongTensor [B, T], T = text_len, id 0 = padding) and `image` (LongTensor
+[B, N], N = grid * grid dVAE codes in raster order). Padding gets one learned token per text position: a 0 at
+position p becomes id `text_vocab + p` (`text_ids`), in the inputs and in the text targets alike, so the text
+embedding and the text head have `text_vocab + text_len` rows. The model reads
+
+    s = [text'_0 .. text'_{T-1} | image_0 .. image_{N-1}]      (length L = T + N, e.g. 256 + 1024 = 1280)
+
+and the output at position p predicts s[p + 1]: outputs 0..T-2 predict text' 1..T-1 (text head), outputs
+T-1..T+N-2 predict image 0..N-1 (image head); the last output predicts nothing and is never projected. L stays
+T + N (no start token) so FlexAttention's 128-blocks line up with the text/image boundary.
+
+Embeddings: text token + learned text position; image token + row[r] + column[c] for image position (r, c).
+Pre-LN blocks (attention kinds from `layer_kinds`, all over one softmax across text and image keys), a final
+LayerNorm and two bias-free heads. The loss is float32 cross-entropy, `text_loss_weight * text +
+image_loss_weight * image` (the paper's 1/8 and 7/8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.models.attention import BACKENDS, SelfAttention, layer_kinds, mean_visible_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DalleConfig:
+    """Size and vocabularies of the transformer; defaults are the paper's (256 BPE tokens, 32x32 dVAE codes)."""
+
+    layers: int
+    heads: int
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    text_len: int = 256
+    text_vocab: int = 16384
+    image_grid: int = 32
+    image_vocab: int = 8192
+    conv_kernel: int = 11
+    text_loss_weight: float = 0.125
+    image_loss_weight: float = 0.875
+    attention: str = "auto"
+    checkpoint_activations: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "heads", "head_dim", "mlp_ratio", "text_vocab", "image_grid", "image_vocab"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        # Fewer than two text positions leaves no text token to predict.
+        if self.text_len < 2:
+            raise ValueError(f"text_len must be at least 2, got {self.text_len}")
+        # An even kernel would silently act as the next odd one (the neighbourhood is +-kernel//2).
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be odd and positive, got {self.conv_kernel}")
+        if self.text_loss_weight < 0 or self.image_loss_weight < 0:
+            raise ValueError("loss weights must be non-negative")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose from {', '.join(BACKENDS)}")
+
+    @property
+    def d_model(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def image_len(self) -> int:
+        return self.image_grid**2
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DalleConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"unknown DalleConfig key {key!r}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    "demo": {"layers": 4, "heads": 4, "head_dim": 32},
+    "small": {"layers": 12, "heads": 12, "head_dim": 64},
+    "1.3b": {"layers": 24, "heads": 32, "head_dim": 64},
+    "12b": {"layers": 64, "heads": 62, "head_dim": 64},
+}
+
+
+def preset(name: str, **overrides: Any) -> DalleConfig:
+    """A preset's config with `overrides` applied (unknown keys raise ValueError)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown transformer preset {name!r}; choose from {', '.join(PRESETS)}")
+    return DalleConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def _embedding_params(cfg: DalleConfig) -> int:
+    text_rows = cfg.text_vocab + cfg.text_len
+    return cfg.d_model * (text_rows + cfg.text_len + cfg.image_vocab + 2 * cfg.image_grid)
+
+
+def _non_embedding_params(cfg: DalleConfig) -> int:
+    d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    attn = (3 * d * d + 3 * d) + (d * d + d)
+    mlp = (d * hidden + hidden) + (hidden * d + d)
+    layer = attn + mlp + 2 * (2 * d)  # two LayerNorms
+    heads = d * (cfg.text_vocab + cfg.text_len) + d * cfg.image_vocab
+    return cfg.layers * layer + 2 * d + heads  # + the final LayerNorm
+
+
+def param_count(cfg: DalleConfig) -> int:
+    """Parameters of `Dalle(cfg)`, computed without building it."""
+    return _embedding_params(cfg) + _non_embedding_params(cfg)
+
+
+def largest_layer_params(cfg: DalleConfig) -> int:
+    """Elements of the biggest single parameter tensor (what ZeRO-3 must gather at once)."""
+    d = cfg.d_model
+    text_rows = cfg.text_vocab + cfg.text_len
+    return max(text_rows * d, cfg.image_vocab * d, 3 * d * d, cfg.mlp_ratio * d * d, cfg.text_len * d)
+
+
+def flops_per_token(cfg: DalleConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6 per non-embedding parameter (counting both heads for every
+    token, a slight over-estimate) plus 12 * d_model per visible key per layer for QK^T and AV."""
+    attention = sum(
+        12 * cfg.d_model * mean_visible_keys(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel)
+        for kind in layer_kinds(cfg.layers)
+    )
+    return 6.0 * _non_embedding_params(cfg) + attention
+
+
+def text_ids(text: torch.Tensor, text_vocab: int) -> torch.Tensor:
+    """Replace padding (0) at position p with its own token `text_vocab + p`."""
+    positions = torch.arange(text.shape[-1], device=text.device)
+    return torch.where(text == 0, text_vocab + positions, text)
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: DalleConfig, kind: str) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.kind = kind
+        self.geometry = (cfg.text_len, cfg.image_grid, cfg.conv_kernel)
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, cfg.heads, cfg.attention)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), self.kind, *self.geometry)
+        return x + self.mlp(self.ln2(x))
+
+
+class Dalle(nn.Module):
+    """Decoder-only transformer over [text | image] tokens; see the module docstring for the layout."""
+
+    def __init__(self, cfg: DalleConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.text_emb = nn.Embedding(cfg.text_vocab + cfg.text_len, d)
+        self.text_pos = nn.Embedding(cfg.text_len, d)
+        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        self.row_emb = nn.Embedding(cfg.image_grid, d)
+        self.col_emb = nn.Embedding(cfg.image_grid, d)
+        self.blocks = nn.ModuleList(_Block(cfg, kind) for kind in layer_kinds(cfg.layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.text_head = nn.Linear(d, cfg.text_vocab + cfg.text_len, bias=False)
+        self.image_head = nn.Linear(d, cfg.image_vocab, bias=False)
+        self._init_weights()
+        log.debug("Dalle: %d layers, d_model %d, %d parameters", cfg.layers, d, param_count(cfg))
+
+    def _init_weights(self) -> None:
+        # GPT-2: N(0, 0.02) everywhere; the projections that write into the residual stream are shrunk by
+        # 1/sqrt(2 * layers) so the residual's variance at init does not grow with depth.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, std=residual_std)
+            nn.init.normal_(block.mlp[2].weight, std=residual_std)
+
+    def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings of the whole sequence, [B, L, d_model]."""
+        cfg = self.cfg
+        if text.ndim != 2 or text.shape[1] != cfg.text_len:
+            raise ValueError(f"text must be [B, {cfg.text_len}], got {list(text.shape)}")
+        if image.ndim != 2 or image.shape[1] != cfg.image_len or image.shape[0] != text.shape[0]:
+            raise ValueError(f"image must be [{text.shape[0]}, {cfg.image_len}], got {list(image.shape)}")
+        txt = self.text_emb(text_ids(text, cfg.text_vocab)) + self.text_pos.weight
+        grid_pos = (self.row_emb.weight[:, None, :] + self.col_emb.weight[None, :, :]).reshape(cfg.image_len, -1)
+        return torch.cat([txt, self.image_emb(image) + grid_pos], dim=1)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor, return_loss: bool = False):
+        """(text_logits [B, T-1, text_vocab + text_len], image_logits [B, N, image_vocab]); with
+        `return_loss`, `loss`'s (loss, parts) instead (so a DeepSpeed engine's forward, whose
+        hooks gather ZeRO-3 partitions, computes the loss too)."""
+        x = self.embed(text, image)
+        for block in self.blocks:
+            if self.cfg.checkpoint_activations and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        # The last position would predict past the end of the image; drop it before the final norm and heads.
+        h = self.ln_f(x[:, :-1])
+        split = self.cfg.text_len - 1
+        text_logits, image_logits = self.text_head(h[:, :split]), self.image_head(h[:, split:])
+        if not return_loss:
+            return text_logits, image_logits
+        text_targets = text_ids(text, self.cfg.text_vocab)[:, 1:]
+        # float32 whatever the autocast dtype: a bf16 log-softmax over 8-16k classes loses the small probabilities.
+        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text_targets.flatten())
+        image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
+        loss = self.cfg.text_loss_weight * text_loss + self.cfg.image_loss_weight * image_loss
+        return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
+
+    def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted text + image cross-entropy, and the two parts as floats for logging."""
+        return self(text, image, return_loss=True)
+
+
+def save_dalle(model: Dalle, url: str) -> None:
+    """Writes `model.pt` (float32 state dict) and `config.json` ({"model": DalleConfig}) under
+    `url`; the weights first, so a folder with a config always has its weights."""
+    import io
+    import json
+
+    from pipeline import storage
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, buf)
+    storage.write_atomic(storage.join(url, "model.pt"), buf.getvalue())
+    storage.write_atomic(storage.join(url, "config.json"), json.dumps({"model": model.cfg.to_dict()}).encode())
+
+
+def load_dalle(url: str, device: torch.device | str = "cpu") -> Dalle:
+    """The transformer `save_dalle` (or `dalle export`) wrote under `url`, in eval mode."""
+    import io
+
+    from pipeline import storage
+
+    config = storage.read_json(storage.join(url, "config.json"))
+    model = Dalle(DalleConfig.from_dict(config["model"]))
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, "model.pt"))), map_location="cpu")
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,176 @@
+"""train: the DALL·E transformer on the encoded shards (Ray Train + DeepSpeed ZeRO).
+
+The model's vocabularies and lengths come from the encode stage's plan (text_len, text_vocab,
+image tokens, image vocab); its size from the recipe's preset. The stage commits the final
+weights (`model.pt`, the EMA's when kept, plus `config.json`: loadable without DeepSpeed by
+`pipeline.models.transformer.load_dalle`) and `metrics.json` with the held-out losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.data.shards import Sample, npy_load
+from pipeline.models.transformer import (
+    DalleConfig,
+    flops_per_token,
+    largest_layer_params,
+    param_count,
+    preset,
+    save_dalle,
+)
+from pipeline.stages.base import InputError, RunContext
+from pipeline.stages.model_stage import ModelStage
+from pipeline.tracking import read_metrics
+
+MODEL_FILES = ["model.pt", "config.json"]
+
+
+class TransformerTask:
+    """The transformer as a `pipeline.train.loop.TrainTask`. Config: {"model": DalleConfig
+    dict, "eval_batch_size": int}."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = DalleConfig.from_dict(config["model"])
+        self.eval_batch_size = int(config.get("eval_batch_size", 16))
+        self.tokens_per_sample = self.cfg.seq_len
+        self.flops_per_token = flops_per_token(self.cfg)
+
+    def build_model(self) -> nn.Module:
+        from pipeline.models.transformer import Dalle
+
+        return Dalle(self.cfg)
+
+    def decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        text = npy_load(sample["text_tokens.npy"]).astype(np.int64)
+        image = npy_load(sample["image_tokens.npy"]).astype(np.int64)
+        return text, image
+
+    def collate(self, items: list[tuple[np.ndarray, np.ndarray]], device: torch.device, dtype) -> dict:
+        text = torch.from_numpy(np.stack([t for t, _ in items]))
+        image = torch.from_numpy(np.stack([i for _, i in items]))
+        return {"text": text.to(device), "image": image.to(device)}
+
+    def loss(self, engine, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        loss, parts = engine(batch["text"], batch["image"], return_loss=True)
+        return loss, parts
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, held: list, device: torch.device) -> tuple[dict, dict]:
+        """Held-out losses (sample-weighted means over the held-out set)."""
+        if not held:
+            return {}, {}
+        totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+        for start in range(0, len(held), self.eval_batch_size):
+            chunk = held[start : start + self.eval_batch_size]
+            batch = self.collate(chunk, device, None)
+            loss, parts = model(batch["text"], batch["image"], return_loss=True)
+            for key, value in {"loss": float(loss), **parts}.items():
+                totals[key] += value * len(chunk)
+        return {f"heldout_{k}": v / len(held) for k, v in totals.items()}, {}
+
+    def export(self, model: nn.Module, out_url: str) -> list[str]:
+        save_dalle(model, out_url)
+        return list(MODEL_FILES)
+
+
+def model_config(plan: dict[str, Any], transformer) -> DalleConfig:
+    """The model for the encoded shards described by the encode stage's `plan`."""
+    grid = math.isqrt(plan["image_tokens"])
+    if grid * grid != plan["image_tokens"]:
+        raise InputError(f"encode plan: {plan['image_tokens']} image tokens per sample is not a square grid")
+    overrides = {k: getattr(transformer, k) for k in ("layers", "heads", "head_dim") if getattr(transformer, k)}
+    fields = (
+        "mlp_ratio",
+        "conv_kernel",
+        "attention",
+        "checkpoint_activations",
+        "text_loss_weight",
+        "image_loss_weight",
+    )
+    return preset(
+        transformer.preset,
+        **overrides,
+        **{k: getattr(transformer, k) for k in fields},
+        text_len=plan["text_len"],
+        text_vocab=plan["text_vocab"],
+        image_grid=grid,
+        image_vocab=plan["image_vocab"],
+    )
+
+
+def recipe_model_config(recipe) -> DalleConfig:
+    """The model a recipe trains, from its tokenizer and dVAE settings (before anything ran)."""
+    plan = {
+        "image_tokens": recipe.dvae.grid**2,
+        "image_vocab": recipe.dvae.vocab_size,
+        "text_len": recipe.text_tokenizer.text_len,
+        "text_vocab": recipe.text_tokenizer.vocab_size,
+    }
+    return model_config(plan, recipe.transformer)
+
+
+def plan_inputs(recipe, gpus: int, gpu_mem_gb: float, gpus_per_node: int):
+    """`dalle plan`'s model shape and request for a recipe's transformer training."""
+    from pipeline.plan import ModelShape, PlanRequest
+
+    cfg, train = recipe_model_config(recipe), recipe.transformer.train
+    shape = ModelShape(
+        params=param_count(cfg),
+        largest_layer_params=largest_layer_params(cfg),
+        layers=cfg.layers,
+        d_model=cfg.d_model,
+        heads=cfg.heads,
+        seq_len=cfg.seq_len,
+        text_len=cfg.text_len,
+        text_classes=cfg.text_vocab + cfg.text_len,
+        image_classes=cfg.image_vocab,
+    )
+    try:
+        request = PlanRequest(
+            gpus=gpus,
+            gpu_mem_gb=gpu_mem_gb,
+            micro_batch=train.batch_size,
+            gpus_per_node=gpus_per_node,
+            precision=train.precision,
+            zero_stage=train.zero_stage,
+            offload_optimizer=train.offload_optimizer,
+            offload_params=train.offload_params,
+            checkpoint_activations=cfg.checkpoint_activations,
+        )
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return shape, request
+
+
+class TrainStage(ModelStage):
+    name = "train"
+    config_key = "transformer"
+    upstream = ("encode",)
+    task = "pipeline.stages.train:TransformerTask"
+    data_stage = "encode"
+
+    def model_config(self) -> DalleConfig:
+        plan = storage.read_json_or_none(storage.join(self.upstream_url("encode"), "_plan.json"))
+        if plan is None:
+            raise InputError(f"{self.upstream_url('encode')}: no encode plan; run the encode stage first")
+        return model_config(plan, self.cfg)
+
+    def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
+        config = {"model": self.model_config().to_dict(), "eval_batch_size": self.cfg.eval_batch_size}
+        return list(MODEL_FILES), self.train(attempt, ctx, config, self.cfg.holdout)
+
+    def score(self, attempt: str) -> tuple[dict[str, float], list[str]]:
+        """The held-out losses and throughput of the run's last report (measured by the workers)."""
+        lines = read_metrics(storage.join(self.url, "metrics.jsonl"))
+        last: dict[str, float] = {}
+        for line in lines:
+            last.update({k: v for k, v in line.items() if k != "time"})
+        keep = ("step", "loss", "text_loss", "image_loss", "tokens_per_s", "samples_per_s", "mfu")
+        return {k: v for k, v in last.items() if k in keep or k.startswith("heldout_")}, []

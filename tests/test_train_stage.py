@@ -1,0 +1,196 @@
+"""The train stage end to end at test size on the encoded synthetic shards: real Ray Train with 2
+CPU workers, real DeepSpeed (ZeRO-2 and ZeRO-3, gloo). The loss falls; a worker killed mid-run is
+restarted from the last checkpoint by Ray and the run trains on exactly the samples of an
+uninterrupted run; a SIGKILLed run whose newest checkpoint lost a rank's file resumes from the one
+before and ends with the uninterrupted run's losses; `dalle export` gives the engine's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+from helpers import dalle, kill_run_when, recipe_at, run_until
+
+from pipeline.data.loader import ledger_spans, read_span, split_holdout
+from pipeline.models.transformer import load_dalle
+from pipeline.stages.train import TransformerTask
+from pipeline.tracking import read_metrics
+from pipeline.train import checkpoint
+
+pytestmark = pytest.mark.slow
+
+UPSTREAM = ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"]
+
+
+def _train_recipe(tmp_path, run, **train):
+    recipe, out = recipe_at(tmp_path, run, UPSTREAM)
+    data = yaml.safe_load(recipe.read_text())
+    data["transformer"]["train"].update(train)
+    recipe.write_text(yaml.safe_dump(data))
+    return recipe, out
+
+
+def _sample_keys(out) -> dict[int, list[list[str]]]:
+    """rank -> the keys of every step, in step order, from the rank's checkpoint-interval files."""
+    root = out / "train" / "_train" / "sample_keys"
+    keys = {}
+    for rank_dir in sorted(root.iterdir()):
+        steps = []
+        for f in sorted(rank_dir.iterdir()):
+            steps += json.loads(f.read_text())["keys"]
+        keys[int(rank_dir.name.split("_")[1])] = steps
+    return keys
+
+
+def _losses(out) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(str(out / "train" / "metrics.jsonl")) if "loss" in m}
+
+
+def _compare_keys(got: dict, ref: dict) -> dict[str, int]:
+    flat = lambda k: [(r, i, key) for r, steps in k.items() for i, step in enumerate(steps) for key in step]  # noqa: E731
+    got_keys, ref_keys = flat(got), flat(ref)
+    return {
+        "missing": len(set(ref_keys) - set(got_keys)),
+        "duplicate": len(got_keys) - len(set(got_keys)),
+        "extra": len(set(got_keys) - set(ref_keys)),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, run):
+    """An uninterrupted ZeRO-2 run of 12 updates (2 workers x 8 samples, checkpoints every 4)."""
+    recipe, out = _train_recipe(tmp_path_factory.mktemp("train-ref"), run)
+    run_until(recipe, "train")
+    return out
+
+
+def test_zero2_training_lowers_the_loss_and_reports_its_throughput(reference):
+    lines = [m for m in read_metrics(str(reference / "train" / "metrics.jsonl")) if "loss" in m]
+    assert [m["step"] for m in lines] == list(range(2, 13, 2))
+    first, last = lines[0], lines[-1]
+    assert last["loss"] < first["loss"] - 0.5, (first["loss"], last["loss"])
+    assert last["image_loss"] < first["image_loss"] and last["text_loss"] < first["text_loss"]
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "rss_gb"):
+        assert last[key] > 0, key
+    cfg = TransformerTask(json.loads((reference / "train" / "config.json").read_text())).cfg
+    assert last["tokens_per_s"] == pytest.approx(last["samples_per_s"] * cfg.seq_len)
+    scores = json.loads((reference / "train" / "metrics.json").read_text())
+    assert scores["step"] == 12 and 0 < scores["heldout_loss"] < first["loss"]
+    keys = _sample_keys(reference)
+    assert sorted(keys) == [0, 1] and all(len(steps) == 12 for steps in keys.values())
+    assert all(len(step) == 8 for steps in keys.values() for step in steps)
+    first_epoch = [set(k for step in keys[r][:4] for k in step) for r in (0, 1)]
+    assert not first_epoch[0] & first_epoch[1]
+    model = load_dalle(str(reference / "train"))
+    assert model.cfg == cfg
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"RayTrainWorker" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_samples(tmp_path, run, reference):
+    recipe, out = _train_recipe(tmp_path, run)
+    ckpt = out / "train" / "_train" / "run" / "checkpoint_00000004"
+    killed: list[int] = []
+
+    def kill_one_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not killed:
+            progress = out / "train" / "_train" / "progress.json"
+            if ckpt.exists() and progress.exists() and json.loads(progress.read_text())["step"] >= 6:
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    run_until(recipe, "train")
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
+    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] in ([4], [8])
+    comparison = _compare_keys(_sample_keys(out), _sample_keys(reference))
+    assert comparison == {"missing": 0, "duplicate": 0, "extra": 0}
+    assert _sample_keys(out) == _sample_keys(reference)  # and in the same order
+    ref = _losses(reference)
+    assert _losses(out) == pytest.approx(ref, rel=1e-4)
+
+
+def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_uninterrupted_one(
+    tmp_path, run, reference
+):
+    recipe, out = _train_recipe(tmp_path, run)
+    progress = out / "train" / "_train" / "progress.json"
+    kill_run_when(
+        ["run", str(recipe), "--until", "train", "--no-progress"],
+        lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 10,
+        timeout=400,
+    )
+    newest = out / "train" / "_train" / "run" / "checkpoint_00000008"
+    assert checkpoint.problem(str(newest)) is None
+    rank1 = json.loads((newest / "ranks" / "rank_00001.json").read_text())
+    lost = sorted(f for f in rank1 if f.startswith("deepspeed/"))[0]
+    (newest / lost).unlink()
+    assert "missing" in checkpoint.problem(str(newest))
+
+    result = dalle("run", str(recipe), "--until", "train", "--no-progress", "-v", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "incomplete" in result.stderr and "checkpoint_00000008" in result.stderr
+    metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
+    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [4]
+    assert _losses(out) == pytest.approx(_losses(reference), rel=1e-4)
+    assert _sample_keys(out) == _sample_keys(reference)
+
+
+def test_zero3_with_ema_trains_and_exports_the_engine_and_ema_weights(tmp_path, run):
+    recipe, out = _train_recipe(tmp_path, run, zero_stage=3, ema_decay=0.9, steps=8)
+    run_until(recipe, "train")
+    lines = [m for m in read_metrics(str(out / "train" / "metrics.jsonl")) if "loss" in m]
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.5
+    final = {k: v for m in read_metrics(str(out / "train" / "metrics.jsonl")) if m["step"] == 8 for k, v in m.items()}
+
+    stage = out / "train"
+    task = TransformerTask(json.loads((stage / "config.json").read_text()))
+    _, held_spans = split_holdout(ledger_spans(str(out / "encode")), 16)
+    held = [task.decode(s) for span in held_spans for s in read_span(span)]
+
+    for weights, prefix in (("model", "heldout_"), ("ema", "ema_heldout_")):
+        target = tmp_path / f"export-{weights}"
+        result = dalle("export", str(stage), str(target), "--weights", weights)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"step 8 ({weights} weights" in result.stdout
+        model = load_dalle(str(target))
+        scores, _ = task.evaluate(model, held, torch.device("cpu"))
+        assert scores["heldout_loss"] == pytest.approx(final[f"{prefix}loss"], rel=1e-5)
+    # the stage's own model.pt is the EMA gathered from the live shards: the same weights
+    committed, exported = load_dalle(str(stage)), load_dalle(str(tmp_path / "export-ema"))
+    for (name, a), (_, b) in zip(committed.state_dict().items(), exported.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_export_and_resume_refuse_bad_input_with_one_line(tmp_path, reference):
+    result = dalle("export", str(tmp_path / "nothing"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "no complete training checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    run_dir = str(reference / "train" / "_train" / "run")
+    assert checkpoint.resumable(run_dir, world=2)["step"] == 12
+    with pytest.raises(checkpoint.CheckpointMismatch, match="written by 2 workers, this run has 4"):
+        checkpoint.resumable(run_dir, world=4)
