@@ -10,19 +10,21 @@ model for `dalle export`).
       trainer_state.json    {"step", "world", "run_id", "samples_per_rank"}
       task.json             {"task": "module:Class", "config": {...}}
 
-Ray Train registers a checkpoint once every rank has reported it, keeps the last K, and hands
-the latest back after a restart (`FailureConfig`, or a rerun of the stage). A checkpoint is used
-only when it is complete (every rank's listed files present at their size); an incomplete one is
-skipped, with a warning, for the newest complete one before it.
+Ray Train registers a checkpoint once every rank has reported it and keeps the last K. After a
+restart (`FailureConfig`, or a rerun of the stage) the workers resume from the newest complete
+checkpoint in the run folder (every rank's listed files present at their size); an incomplete
+one is skipped, with a warning, for the newest complete one before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -96,10 +98,6 @@ def problem(url: str) -> str | None:
     return None
 
 
-def step_of(name: str) -> int:
-    return int(name.removeprefix(PREFIX))
-
-
 def checkpoints(run_url: str) -> list[str]:
     """Checkpoint folder names under a Ray Train run folder, newest first."""
     fs, path = storage.get_fs(run_url)
@@ -111,12 +109,10 @@ def checkpoints(run_url: str) -> list[str]:
     return sorted((n for n in names if n.startswith(PREFIX) and n[len(PREFIX) :].isdigit()), reverse=True)
 
 
-def latest_complete(run_url: str, newest: int | None = None) -> str | None:
-    """The URL of the newest complete checkpoint of a run (at most step `newest`), warning about
-    each incomplete one passed over."""
+def latest_complete(run_url: str) -> str | None:
+    """The URL of the newest complete checkpoint of a run, warning about each incomplete one
+    passed over."""
     for name in checkpoints(run_url):
-        if newest is not None and step_of(name) > newest:
-            continue
         url = storage.join(run_url, name)
         reason = problem(url)
         if reason is None:
@@ -140,42 +136,46 @@ def resumable(run_url: str, world: int) -> dict[str, Any] | None:
     return state
 
 
-def load(engine, ema, world: int) -> dict[str, Any] | None:
-    """Restores the newest complete checkpoint Ray Train hands back (or an older complete one
-    when that is incomplete); returns its trainer state, or None to start from scratch."""
+def load(engine, ema, world: int, run_url: str) -> dict[str, Any] | None:
+    """Restores the newest complete checkpoint of the run at `run_url`; returns its trainer
+    state, or None to start from scratch.
+
+    The run folder is scanned rather than trusting only `ray.train.get_checkpoint()`: Ray Train
+    registers a checkpoint when its controller next polls the workers, so a crash shortly after
+    a report can leave a complete checkpoint on storage that Ray never registered, and resuming
+    from Ray's older one would redo (and re-log) those steps."""
     import ray.train
 
-    latest = ray.train.get_checkpoint()
-    if latest is None:
+    url = latest_complete(run_url)
+    if url is None:
         return None
-    run_path = os.path.dirname(latest.path.rstrip("/"))
-    fs = latest.filesystem
-    url = _url(fs, latest.path)
-    chosen = latest if problem(url) is None else None
-    if chosen is None:
-        older = latest_complete(_url(fs, run_path), newest=step_of(os.path.basename(latest.path)) - 1)
-        log.warning("checkpoint %s is incomplete (%s); resuming from %s", url, problem(url), older or "scratch")
-        if older is None:
-            return None
-        chosen = ray.train.Checkpoint(path=os.path.join(run_path, os.path.basename(older)), filesystem=fs)
-    with chosen.as_directory() as folder:
+    registered = ray.train.get_checkpoint()
+    if registered is None or os.path.basename(registered.path.rstrip("/")) != os.path.basename(url):
+        log.info("resuming from %s (Ray Train handed back %s)", url, registered.path if registered else "none")
+    with _local(url) as folder:
         with open(os.path.join(folder, STATE)) as f:
             state = json.load(f)
         if state["world"] != world:
             raise CheckpointMismatch(
-                f"{chosen.path} was written by {state['world']} workers, this run has {world}; "
+                f"{url} was written by {state['world']} workers, this run has {world}; "
                 f"set train.workers={state['world']} to resume it (or --force the stage)"
             )
         load_path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG, load_module_strict=True)
         if load_path is None:
-            raise CheckpointMismatch(f"{chosen.path}: DeepSpeed found no '{DEEPSPEED_TAG}' checkpoint in it")
+            raise CheckpointMismatch(f"{url}: DeepSpeed found no '{DEEPSPEED_TAG}' checkpoint in it")
         if ema is not None:
             path = os.path.join(folder, "ema", f"rank_{ema.rank:05d}.pt")
             ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return state
 
 
-def _url(fs, path: str) -> str:
-    """A storage URL for a path in a pyarrow filesystem (Ray Train's checkpoint handles)."""
-    kind = getattr(fs, "type_name", "local")
-    return path if kind == "local" else f"{kind}://{path}"
+@contextlib.contextmanager
+def _local(url: str) -> Iterator[str]:
+    """A local folder holding the checkpoint at `url` (a download when it is remote)."""
+    if storage.is_local(url):
+        yield storage.get_fs(url)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        fs, path = storage.get_fs(url)
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp

@@ -96,7 +96,7 @@ def train_worker(spec: dict[str, Any]) -> None:
     from pipeline.train.ema import EMA
     from pipeline.train.engine import autocast_dtype, build_engine, loss_scale, set_lr
     from pipeline.train.schedules import learning_rate
-    from pipeline.train.trainer import progress_url, sample_keys_url
+    from pipeline.train.trainer import progress_url, run_storage, sample_keys_url
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,7 +108,8 @@ def train_worker(spec: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     engine = build_engine(task.build_model(), cfg, world, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay, rank, world) if cfg.ema_decay is not None else None
-    state = checkpoint.load(engine, ema, world) or {"step": 0, "run_id": new_run_id(), "world": world}
+    fresh = {"step": 0, "run_id": new_run_id(), "world": world}
+    state = checkpoint.load(engine, ema, world, run_storage(spec["run_url"])) or fresh
     step = state["step"]
 
     tracker = None

@@ -32,6 +32,11 @@ def train_storage(stage_url: str) -> str:
     return storage.join(stage_url, "_train")
 
 
+def run_storage(stage_url: str) -> str:
+    """Ray Train's run folder (its checkpoints) for a stage."""
+    return storage.join(train_storage(stage_url), "run")
+
+
 def _worker_errors(err: Exception) -> str:
     failures = getattr(err, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
@@ -62,7 +67,7 @@ def fit(
     from pipeline.train.checkpoint import CheckpointMismatch, resumable
 
     try:  # refuse a resume with another world size here, not deep inside DeepSpeed
-        resumable(storage.join(train_storage(stage_url), "run"), cfg.workers)
+        resumable(run_storage(stage_url), cfg.workers)
     except CheckpointMismatch as err:
         raise StageFailed(f"stage '{label}': {err}") from None
     use_gpu = wants_gpu(cfg)
