@@ -71,7 +71,6 @@ def measure(args: argparse.Namespace, attention: str, device: torch.device) -> d
     }
     if on_gpu:
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    del model, optimizer
     return out
 
 

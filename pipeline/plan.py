@@ -253,11 +253,15 @@ def plan(shape: ModelShape, req: PlanRequest) -> dict:
     }
 
 
+def _short(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def format_plan(result: dict) -> str:
     """A plain-text report: a header, the option table (recipe's row starred) and the verdict."""
     recipe = result["recipe"]
     lines = [
-        f"parameters   {result['params']:,} ({result['params'] / 1e9:.2f}B)",
+        f"parameters   {result['params']:,} ({_short(result['params'])})",
         f"cluster      {result['gpus']} GPUs x {result['gpu_mem_gb']:g} GB ({result['gpus_per_node']} per node);"
         f" plan uses {result['usable_fraction']:.0%} = {result['usable_gb']:.1f} GB per GPU",
         f"micro-batch  {result['micro_batch']} per GPU, {result['precision']}",

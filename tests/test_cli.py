@@ -112,3 +112,30 @@ def test_a_real_url_list_with_laion_column_names(tmp_path):
     meta = json.loads(next(iter_samples(str(tmp_path / "out" / "filter" / "00000.tar")))["json"])
     assert meta["LICENSE"] == "cc-by" and meta["caption"] in {r["caption"] for r in rows}
     assert not (tmp_path / "out" / "text-tokenizer").exists()
+
+
+def test_plan_for_the_12b_recipe_on_64_and_512_gpus():
+    for gpus in (64, 512):
+        result = dalle("plan", "jobs/laion-250m-12b.yaml", "--gpus", str(gpus), "--gpu-mem", "80", "--json")
+        assert result.returncode == 0, result.stderr
+        plan = json.loads(result.stdout)
+        assert 12.0e9 < plan["params"] < 12.5e9 and plan["gpus"] == gpus
+        assert plan["recipe"]["zero_stage"] == 3 and plan["recipe"]["fits"]
+        zero0 = [r for r in plan["model_states"] if r["zero_stage"] == 0][0]
+        assert not zero0["fits"]  # 16 bytes x 12.3B parameters on one 80 GB GPU
+    text = dalle("plan", "jobs/laion-250m-12b.yaml", "--gpus", "8", "--gpu-mem", "24")
+    assert text.returncode == 0 and "12,293,824,256" in text.stdout
+    assert "DOES NOT FIT" in text.stdout and "hint" in text.stdout  # 8 x 24 GB: states alone exceed it
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--gpus", "12", "--gpu-mem", "80"], "do not split into nodes of 8"),
+        (["--gpus", "0", "--gpu-mem", "80"], "expected a whole number >= 1"),
+        (["--gpus", "8", "--gpu-mem", "lots"], "expected a number > 0"),
+    ],
+)
+def test_plan_refuses_an_impossible_cluster_with_one_line(args, fragment):
+    result = dalle("plan", "jobs/laion-250m-12b.yaml", *args)
+    assert result.returncode == 2 and fragment in result.stderr

@@ -95,3 +95,31 @@ def test_configs_are_frozen():
     r = build_recipe(BASE)
     with pytest.raises(ValidationError, match="frozen"):
         r.filter.shard_size = 3  # type: ignore[misc]
+
+
+def test_transformer_defaults_and_cluster_recipes_are_the_papers():
+    t = build_recipe(BASE).transformer
+    assert (t.preset, t.text_loss_weight, t.image_loss_weight) == ("12b", 0.125, 0.875)
+    assert (t.train.lr, t.train.warmup_steps, t.train.betas, t.train.eps) == (4.5e-4, 5000, (0.9, 0.96), 1e-8)
+    assert (t.train.weight_decay, t.train.grad_clip) == (4.5e-2, 4.0) and t.train.ema_decay is not None
+    big = load_recipe(Path("jobs/laion-250m-12b.yaml"))
+    train = big.transformer.train
+    assert big.transformer.preset == "12b" and train.zero_stage == 3 and train.precision == "bf16"
+    assert train.workers * train.batch_size * train.grad_accum == 1024  # the paper's batch
+    assert (big.dvae.grid, big.dvae.vocab_size, big.text_tokenizer.text_len) == (32, 8192, 256)
+    mid = load_recipe(Path("jobs/cc3m-1.3b.yaml"))
+    assert mid.transformer.preset == "1.3b" and mid.transformer.train.use_gpu
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"transformer": {"train": {"offload_params": True}}}, "offload_params needs zero_stage 3"),
+        ({"transformer": {"train": {"zero_stage": 0, "offload_optimizer": True}}}, "offload_optimizer needs"),
+        ({"transformer": {"conv_kernel": 10}}, "conv_kernel 10 must be odd"),
+        ({"transformer": {"preset": "40b"}}, "field 'transformer.preset'"),
+    ],
+)
+def test_bad_transformer_settings_name_the_field(patch, expected):
+    with pytest.raises(RecipeError, match=expected):
+        build_recipe({**BASE, **patch})

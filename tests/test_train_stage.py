@@ -29,9 +29,10 @@ pytestmark = pytest.mark.slow
 UPSTREAM = ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"]
 
 
-def _train_recipe(tmp_path, run, **train):
+def _train_recipe(tmp_path, run, transformer=None, **train):
     recipe, out = recipe_at(tmp_path, run, UPSTREAM)
     data = yaml.safe_load(recipe.read_text())
+    data["transformer"].update(transformer or {})
     data["transformer"]["train"].update(train)
     recipe.write_text(yaml.safe_dump(data))
     return recipe, out
@@ -172,7 +173,10 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
 
 
 def test_zero3_with_ema_trains_and_exports_the_engine_and_ema_weights(tmp_path, run):
-    recipe, out = _train_recipe(tmp_path, run, zero_stage=3, ema_decay=0.9, steps=10)
+    """ZeRO-3 with a sharded EMA, activation checkpointing and 2 DataLoader workers per rank."""
+    recipe, out = _train_recipe(
+        tmp_path, run, {"checkpoint_activations": True}, zero_stage=3, ema_decay=0.9, steps=10, loader_workers=2
+    )
     run_until(recipe, "train")
     lines = [m for m in read_metrics(str(out / "train" / "metrics.jsonl")) if "loss" in m]
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.5
