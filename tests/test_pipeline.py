@@ -115,7 +115,9 @@ def test_status_reports_every_stage(reference):
     for name in ("ingest", "filter", "text-tokenizer"):
         row = rows[name]
         assert row["state"] == "complete" and row["shards_done"] == row["shards_total"] and row["failures"] == 0
-    assert {rows[name]["state"] for name in ("dvae", "clip", "encode", "train")} == {"pending"}  # --until text-tokenizer
+    assert {rows[name]["state"] for name in ("dvae", "clip", "encode", "train")} == {
+        "pending"
+    }  # --until text-tokenizer
     assert rows["filter"]["output"] == str(out / "filter")
     assert rows["filter"]["counts"]["near_duplicate"] > 0
     table = dalle("status", str(recipe))

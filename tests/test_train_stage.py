@@ -101,6 +101,11 @@ def test_zero2_training_lowers_the_loss_and_reports_its_throughput(reference):
     assert not first_epoch[0] & first_epoch[1]
     model = load_dalle(str(reference / "train"))
     assert model.cfg == cfg
+    assert checkpoint.checkpoints(str(reference / "train" / "_train" / "run")) == [
+        "checkpoint_00000040",
+        "checkpoint_00000030",
+        "checkpoint_00000020",
+    ]  # keep_checkpoints: 3
 
 
 def _train_worker_pids() -> list[int]:
@@ -156,8 +161,10 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
         lambda: _step(progress) >= 22,
         timeout=400,
     )
-    newest = out / "train" / "_train" / "run" / "checkpoint_00000020"
+    run_dir = out / "train" / "_train" / "run"
+    newest = run_dir / "checkpoint_00000020"
     assert checkpoint.problem(str(newest)) is None
+    run_id = json.loads((run_dir / "checkpoint_00000010" / "trainer_state.json").read_text())["run_id"]
     rank1 = json.loads((newest / "ranks" / "rank_00001.json").read_text())
     lost = sorted(f for f in rank1 if f.startswith("deepspeed/"))[0]
     (newest / lost).unlink()
@@ -170,6 +177,10 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
     assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10]
     assert _losses(out) == pytest.approx(_losses(reference), rel=1e-4)
     assert _sample_keys(out) == _sample_keys(reference)
+    # the resumed run continued the same W&B run
+    assert json.loads((run_dir / "checkpoint_00000040" / "trainer_state.json").read_text())["run_id"] == run_id
+    wandb_runs = {p.name.rsplit("-", 1)[-1] for p in (out / "train" / "wandb").glob("offline-run-*")}
+    assert wandb_runs == {run_id}
 
 
 def test_zero3_with_ema_trains_and_exports_the_engine_and_ema_weights(tmp_path, run):
