@@ -148,3 +148,48 @@ class SelfAttention(nn.Module):
             mask = dense_mask(kind, text_len, grid, kernel, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, length, d_model))
+
+    def forward_cached(
+        self,
+        x_new: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        kind: str,
+        text_len: int,
+        grid: int,
+        kernel: int = 11,
+    ) -> torch.Tensor:
+        """Attention output for positions [start, start + n) of `x_new` ([B, n, d_model]) given `cache` holding this
+        layer's keys/values for [0, start); stores the new keys/values in `cache`.
+
+        The mask is the rows [start, start + n) and columns [0, start + n) of the same `dense_mask` the full forward
+        uses, so every sparse layer kind behaves exactly as in training. Always SDPA: decoding a few queries against
+        a dense key slice is cheap, and a block mask would not line up with arbitrary `start`s.
+        """
+        batch, n, d_model = x_new.shape
+        end = start + n
+        length = text_len + grid * grid
+        # Appending only: a gap or an overwrite would silently attend to stale or zero keys.
+        if start != cache.length:
+            raise ValueError(f"cache holds positions [0, {cache.length}) but the new span starts at {start}")
+        if n < 1 or end > length or end > cache.k.shape[2]:
+            raise ValueError(f"span [{start}, {end}) does not fit a sequence of length {length}")
+        q, k, v = self.qkv(x_new).view(batch, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        cache.k[:, :, start:end] = k
+        cache.v[:, :, start:end] = v
+        cache.length = end
+        mask = dense_mask(kind, text_len, grid, kernel, x_new.device)[start:end, :end]
+        y = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(batch, n, d_model))
+
+
+class KVCache:
+    """Keys and values of one attention layer for positions [0, length), preallocated to the whole sequence so
+    decoding appends in place instead of re-concatenating an ever longer tensor every step."""
+
+    def __init__(
+        self, batch: int, heads: int, head_dim: int, seq_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        self.k = torch.zeros(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0

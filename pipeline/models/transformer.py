@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.models.attention import BACKENDS, SelfAttention, layer_kinds, mean_visible_keys
+from pipeline.models.attention import BACKENDS, KVCache, SelfAttention, layer_kinds, mean_visible_keys
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,11 @@ class _Block(nn.Module):
         x = x + self.attn(self.ln1(x), self.kind, *self.geometry)
         return x + self.mlp(self.ln2(x))
 
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """`forward` for positions [start, start + n) only, reading/extending this layer's `cache`."""
+        x = x + self.attn.forward_cached(self.ln1(x), cache, start, self.kind, *self.geometry)
+        return x + self.mlp(self.ln2(x))
+
 
 class Dalle(nn.Module):
     """Decoder-only transformer over [text | image] tokens; see the module docstring for the layout."""
@@ -238,6 +243,61 @@ class Dalle(nn.Module):
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted text + image cross-entropy, and the two parts as floats for logging."""
         return self(text, image, return_loss=True)
+
+    # Incremental decoding (used by `pipeline.models.sampling`): the same computation as `forward`, split into
+    # spans of positions whose attention keys/values are kept in per-layer caches.
+
+    def new_caches(self, batch: int) -> list[KVCache]:
+        """Empty per-layer key/value caches for `batch` sequences, on the parameters' device and dtype."""
+        p = self.image_head.weight
+        heads = self.cfg.heads
+        return [
+            KVCache(batch, heads, self.cfg.d_model // heads, self.cfg.seq_len, p.device, p.dtype) for _ in self.blocks
+        ]
+
+    def embed_span(self, text: torch.Tensor | None, image: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        """Embeddings of positions [start, end) of the sequence, [B, end - start, d_model], equal to
+        `embed(text, image)[:, start:end]`. `text` is the raw [B, T] text (needed only if the span has text
+        positions); `image` holds at least the image tokens 0 .. end - T - 1 (only if the span has image ones)."""
+        cfg = self.cfg
+        if not 0 <= start < end <= cfg.seq_len:
+            raise ValueError(f"span [{start}, {end}) is not inside [0, {cfg.seq_len})")
+        parts = []
+        if start < cfg.text_len:
+            stop = min(end, cfg.text_len)
+            if text is None or text.ndim != 2 or text.shape[1] != cfg.text_len:
+                raise ValueError(f"text must be [B, {cfg.text_len}] for a span with text positions")
+            # Padding ids depend on the absolute position, so map the whole row before slicing.
+            ids = text_ids(text, cfg.text_vocab)[:, start:stop]
+            parts.append(self.text_emb(ids) + self.text_pos.weight[start:stop])
+        if end > cfg.text_len:
+            j0, j1 = max(start, cfg.text_len) - cfg.text_len, end - cfg.text_len
+            if image is None or image.ndim != 2 or image.shape[1] < j1:
+                raise ValueError(f"image must hold at least {j1} tokens for the span [{start}, {end})")
+            j = torch.arange(j0, j1, device=image.device)
+            grid_pos = self.row_emb(j // cfg.image_grid) + self.col_emb(j % cfg.image_grid)
+            parts.append(self.image_emb(image[:, j0:j1]) + grid_pos)
+        return torch.cat(parts, dim=1)
+
+    def forward_cached(
+        self, text: torch.Tensor | None, image: torch.Tensor | None, start: int, end: int, caches: list[KVCache]
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states of positions [start, end), [B, end - start, d_model], running the blocks
+        on those positions only; `caches` (from `new_caches`) must hold positions [0, start) and are extended.
+        Project a position with `head_logits`."""
+        x = self.embed_span(text, image, start, end)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block.forward_cached(x, cache, start)
+        return self.ln_f(x)
+
+    def head_logits(self, h: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits from the hidden state `h` [..., d_model] of sequence position `position`: the text head for
+        p < T - 1 (predicting text' p + 1), the image head for T - 1 <= p < T + N - 1 (predicting image
+        token p - (T - 1)). The last position predicts nothing, as in `forward`."""
+        cfg = self.cfg
+        if not 0 <= position < cfg.seq_len - 1:
+            raise ValueError(f"position {position} predicts nothing; it must be in [0, {cfg.seq_len - 1})")
+        return self.text_head(h) if position < cfg.text_len - 1 else self.image_head(h)
 
 
 def save_dalle(model: Dalle, url: str) -> None:

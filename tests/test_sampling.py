@@ -1,0 +1,175 @@
+"""KV-cache sampling of the DALL·E transformer: cached decoding reproduces the full forward's logits position by
+position for every attention kind, cached and recomputing samplers draw the same tokens for a seed, image
+completion keeps its prefix, the cache never reruns the prefix, and top-k / nucleus filtering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models import transformer
+from pipeline.models.attention import KINDS
+from pipeline.models.sampling import filter_logits, sample_image_tokens
+from pipeline.models.transformer import Dalle, DalleConfig
+
+TINY = DalleConfig(
+    layers=4, heads=2, head_dim=8, text_len=6, text_vocab=20, image_grid=4, image_vocab=16, conv_kernel=3
+)
+# "default" is the paper's schedule (row, column, row, conv); the others give every layer the same kind.
+SCHEDULES = ("default", *KINDS)
+
+
+def make_model(schedule: str, monkeypatch: pytest.MonkeyPatch, layers: int = 4) -> Dalle:
+    if schedule != "default":
+        monkeypatch.setattr(transformer, "layer_kinds", lambda n: [schedule] * n)
+    torch.manual_seed(0)
+    cfg = DalleConfig(**{**TINY.to_dict(), "layers": layers})
+    # float64 so cached and recomputed logits agree to ~1e-12 and sampled tokens cannot differ by rounding.
+    m = Dalle(cfg).double().eval()
+    # The init makes logits nearly uniform; larger weights make the attention pattern (and the mask) matter.
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim > 1:
+                p.mul_(20)
+    if schedule != "default":
+        assert [b.kind for b in m.blocks] == [schedule] * layers
+    return m
+
+
+def make_text(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, TINY.text_vocab, (batch, TINY.text_len), generator=gen)
+    text[:, TINY.text_len // 2 :] = 0  # padded tails
+    text[0, -1] = 3  # a token after padding
+    return text
+
+
+@pytest.mark.parametrize(("schedule", "prefix_len"), [(s, 0) for s in SCHEDULES] + [("default", 5)])
+def test_cached_logits_equal_the_full_forward_at_every_position(schedule, prefix_len, monkeypatch):
+    m = make_model(schedule, monkeypatch)
+    text = make_text()
+    image = torch.randint(0, TINY.image_vocab, (3, TINY.image_len), generator=torch.Generator().manual_seed(2))
+    full_text, full_image = m(text, image)
+    t, length = TINY.text_len, TINY.seq_len
+    caches = m.new_caches(3)
+    # One pass over the text (and prefix), then one position at a time, as the sampler does.
+    first = t + prefix_len
+    with torch.no_grad():
+        h = m.forward_cached(text, image, 0, first, caches)
+        spans = [(pos, h[:, pos]) for pos in range(first)]
+        for pos in range(first, length - 1):
+            spans.append((pos, m.forward_cached(text, image, pos, pos + 1, caches)[:, 0]))
+    assert all(c.length == length - 1 for c in caches)
+    for pos, hidden in spans:
+        got = m.head_logits(hidden, pos)
+        want = full_text[:, pos] if pos < t - 1 else full_image[:, pos - (t - 1)]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"position {pos}")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("filters", [{}, {"top_k": 6, "top_p": 0.9, "temperature": 0.7}])
+def test_cached_sampling_equals_full_recomputation(schedule, filters, monkeypatch):
+    m = make_model(schedule, monkeypatch)
+    text = make_text()
+    cached = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(7), **filters)
+    full = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(7), use_cache=False, **filters)
+    assert cached.shape == (3, TINY.image_len) and cached.dtype == torch.long
+    assert torch.equal(cached, full)
+    # The rows differ (different texts and draws), so the test is not passing on a degenerate constant output.
+    assert not torch.equal(cached[0], cached[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_layer_models_per_kind(kind, monkeypatch):
+    m = make_model(kind, monkeypatch, layers=1)
+    text = make_text()
+    cached = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(3), top_k=8)
+    full = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(3), top_k=8, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_image_completion_keeps_the_prefix(rows, monkeypatch):
+    m = make_model("default", monkeypatch)
+    text = make_text()
+    prefix = torch.randint(0, TINY.image_vocab, (3, rows * TINY.image_grid), generator=torch.Generator().manual_seed(5))
+    cached = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(9), prefix=prefix, top_p=0.95)
+    full = sample_image_tokens(
+        m, text, generator=torch.Generator().manual_seed(9), prefix=prefix, top_p=0.95, use_cache=False
+    )
+    assert torch.equal(cached[:, : prefix.shape[1]], prefix)
+    assert torch.equal(cached, full)
+
+
+def test_cached_path_runs_one_new_position_per_step(monkeypatch):
+    m = make_model("default", monkeypatch)
+    prefix_len = TINY.image_grid
+    lengths: list[list[int]] = [[] for _ in m.blocks]
+    for i, block in enumerate(m.blocks):
+        original = block.forward_cached
+
+        def counting(x, cache, start, _i=i, _original=original):
+            lengths[_i].append(x.shape[1])
+            return _original(x, cache, start)
+
+        monkeypatch.setattr(block, "forward_cached", counting)
+        # The full (uncached) block forward must never run on the cached path.
+        block.register_forward_pre_hook(lambda *_: pytest.fail("full block forward called"))
+    prefix = torch.zeros(3, prefix_len, dtype=torch.long)
+    sample_image_tokens(m, make_text(), generator=torch.Generator().manual_seed(0), prefix=prefix)
+    # The prefix once, then one position for each sampled token but the last (which feeds nothing).
+    steps = TINY.image_len - prefix_len - 1
+    assert all(seen == [TINY.text_len + prefix_len] + [1] * steps for seen in lengths)
+
+
+def test_full_prefix_is_returned_unchanged(monkeypatch):
+    m = make_model("default", monkeypatch)
+    prefix = torch.randint(0, TINY.image_vocab, (3, TINY.image_len), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_image_tokens(m, make_text(), generator=None, prefix=prefix), prefix)
+
+
+def test_sampling_restores_training_mode(monkeypatch):
+    m = make_model("default", monkeypatch).train()
+    sample_image_tokens(m, make_text(), generator=torch.Generator().manual_seed(0))
+    assert m.training
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    out = filter_logits(logits, top_k=7)
+    kept = out.isfinite()
+    assert (kept.sum(-1) == 7).all()
+    assert torch.equal(out[kept], logits[kept])
+    assert (logits[kept].view(4, 7).min(-1).values >= logits.masked_fill(kept, -1e9).max(-1).values).all()
+    assert torch.equal(filter_logits(logits, top_k=100), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]])
+    logits = probs.log()
+    # 0.5 + 0.3 = 0.8 reaches 0.8 (within float error either side), 0.5 alone does not.
+    assert filter_logits(logits, top_p=0.79).isfinite().tolist() == [[True, False, True, False], [True] * 4]
+    assert filter_logits(logits, top_p=0.81).isfinite().tolist() == [[True, False, True, True], [True] * 4]
+    assert filter_logits(logits, top_p=1.0).isfinite().all()
+    # A random check against a brute-force definition.
+    rand = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
+    for p in (0.1, 0.5, 0.9):
+        kept = filter_logits(rand, top_p=p).isfinite()
+        for row, keep in zip(rand.softmax(-1), kept, strict=True):
+            ranked = row.sort(descending=True).values
+            need = int((ranked.cumsum(0) < p).sum()) + 1
+            assert int(keep.sum()) == need
+            if not keep.all():
+                assert row[keep].min() >= row[~keep].max()
+
+
+def test_best_token_always_survives():
+    logits = torch.tensor([[10.0, 0.0, -1.0], [0.0, 3.0, 2.9]])
+    for out in (filter_logits(logits, top_p=1e-6), filter_logits(logits, top_k=1), filter_logits(logits, 1, 0.5)):
+        assert out.isfinite().tolist() == [[True, False, False], [False, True, False]]
+    out = filter_logits(logits, top_k=2, top_p=0.01)
+    assert torch.equal(out.argmax(-1), logits.argmax(-1))
+    with pytest.raises(ValueError):
+        filter_logits(logits, top_k=0)
+    with pytest.raises(ValueError):
+        filter_logits(logits, top_p=0.0)
