@@ -10,7 +10,6 @@ the ZeRO partitions; the task named in the checkpoint rebuilds the model and wri
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 from pipeline import storage
@@ -35,28 +34,16 @@ def resolve(path: str) -> str:
     raise InputError(f"{path}: no complete training checkpoint here (give a checkpoint_* folder or a train stage)")
 
 
-def _local_copy(url: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    if storage.is_local(url):
-        return url, None
-    tmp = tempfile.TemporaryDirectory(prefix="export-")
-    fs, path = storage.get_fs(url)
-    fs.get(path.rstrip("/") + "/", tmp.name, recursive=True)
-    return tmp.name, tmp
-
-
 def export(path: str, out: str, weights: Weights = "ema") -> dict[str, Any]:
     """Writes the consolidated model of checkpoint `path` under `out`; returns a summary."""
     url = resolve(path)
     spec = storage.read_json(storage.join(url, checkpoint.TASK))
     state = storage.read_json(storage.join(url, checkpoint.STATE))
-    folder, tmp = _local_copy(url)
     try:
-        weights_state, used = checkpoint_state(folder, weights)
+        with checkpoint.local_folder(url) as folder:
+            weights_state, used = checkpoint_state(folder, weights)
     except WeightsError as err:
         raise InputError(str(err)) from None
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     task = load_task(spec["task"], spec["config"])
     model = load_weights(task.build_model(), weights_state)
     out_url = storage.absolute(out)

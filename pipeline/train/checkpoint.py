@@ -152,7 +152,7 @@ def load(engine, ema, world: int, run_url: str) -> dict[str, Any] | None:
     registered = ray.train.get_checkpoint()
     if registered is None or os.path.basename(registered.path.rstrip("/")) != os.path.basename(url):
         log.info("resuming from %s (Ray Train handed back %s)", url, registered.path if registered else "none")
-    with _local(url) as folder:
+    with local_folder(url) as folder:
         with open(os.path.join(folder, STATE)) as f:
             state = json.load(f)
         if state["world"] != world:
@@ -170,7 +170,7 @@ def load(engine, ema, world: int, run_url: str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _local(url: str) -> Iterator[str]:
+def local_folder(url: str) -> Iterator[str]:
     """A local folder holding the checkpoint at `url` (a download when it is remote)."""
     if storage.is_local(url):
         yield storage.get_fs(url)[1]

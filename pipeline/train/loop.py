@@ -132,6 +132,7 @@ def train_worker(spec: dict[str, Any]) -> None:
 
     window: list[dict[str, float]] = []
     keys: list[list[str]] = []
+    ema_model, ema_step = None, -1  # the gathered EMA of the last evaluation, reused for the export
     started, window_start = time.monotonic(), step
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
@@ -173,7 +174,9 @@ def train_worker(spec: dict[str, Any]) -> None:
                 progress = {"step": step, "steps": cfg.steps, "samples_per_s": samples_per_s}
                 storage.write_json(progress_url(spec["run_url"]), progress)
         if step % cfg.checkpoint_every == 0 or last:
-            scores, images = _evaluate(engine, ema, task, held, device, rank)
+            if ema is not None:
+                ema_model, ema_step = _whole_model(engine, ema, task), step
+            scores, images = _evaluate(engine, ema_model, task, held, device)
             if tracker is not None:
                 tracker.log(scores, step)
                 tracker.log_images(images, step)
@@ -185,7 +188,7 @@ def train_worker(spec: dict[str, Any]) -> None:
             task_spec = {"task": spec["task"], "config": spec["config"]}
             checkpoint.save(engine, ema, state, task_spec, {"step": step}, rank)
 
-    model = _whole_model(engine, ema, task)
+    model = ema_model if ema_step == step else _whole_model(engine, ema, task)
     if rank == 0:
         task.export(model, spec["out_url"])
         tracker.finish()
@@ -204,18 +207,16 @@ def _whole_model(engine, ema, task: TrainTask) -> nn.Module | None:
     return load_weights(model, state).to(engine.device).eval()
 
 
-def _evaluate(engine, ema, task: TrainTask, held: list[Any], device: torch.device, rank: int):
+def _evaluate(engine, ema_model: nn.Module | None, task: TrainTask, held: list[Any], device: torch.device):
     """Held-out metrics and images (meaningful on rank 0): the engine's, measured on every rank
-    (a ZeRO-3 forward is collective), and with an EMA also the EMA's on rank 0, prefixed `ema_`
-    (its images are the ones shown)."""
+    (a ZeRO-3 forward is collective), and with an EMA also those of its gathered weights (rank 0
+    only, the others hold None), prefixed `ema_` (its images are the ones shown)."""
     engine.module.eval()
     try:
         scores, images = task.evaluate(engine.module, held, device)
     finally:
         engine.module.train()
-    if ema is not None:
-        model = _whole_model(engine, ema, task)
-        if rank == 0:
-            ema_scores, images = task.evaluate(model, held, device)
-            scores = {**scores, **{f"ema_{k}": v for k, v in ema_scores.items()}}
+    if ema_model is not None:
+        ema_scores, images = task.evaluate(ema_model, held, device)
+        scores = {**scores, **{f"ema_{k}": v for k, v in ema_scores.items()}}
     return scores, images
