@@ -5,6 +5,8 @@
     dalle validate STAGE_DIR [--json]
     dalle export CKPT OUT [--weights ema|model]
     dalle plan RECIPE [key=value ...] --gpus N --gpu-mem GB [--gpus-per-node 8] [--json]
+    dalle sample MODEL "a red cube to the left of a blue sphere" [--n 64] [--top 8] [--out grid.png]
+    dalle report RECIPE [key=value ...]
 
 User mistakes (bad recipe, bad input, output written by another recipe) print one line and exit
 with code 2; a stage whose shards failed exits with 1 (rerun to retry them), as does `validate`
@@ -70,6 +72,29 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem", type=_positive_float, required=True, metavar="GB", help="memory per GPU")
     plan.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
     plan.add_argument("--json", action="store_true", help="print JSON")
+
+    sample = sub.add_parser("sample", help="images for a prompt, reranked by CLIP, as a PNG grid")
+    sample.add_argument("model", help="a trained transformer folder, e.g. runs/demo/train")
+    sample.add_argument("prompt")
+    sample.add_argument("--n", type=_positive_int, default=64, help="candidates to draw (default 64)")
+    sample.add_argument("--top", type=_positive_int, default=8, help="best candidates kept (default 8)")
+    sample.add_argument("--out", default="grid.png", help="grid PNG; single images go to <stem>/ (default grid.png)")
+    sample.add_argument("--temperature", type=_positive_float, default=1.0)
+    sample.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
+    sample.add_argument("--top-p", type=_positive_float, default=None, help="nucleus sampling mass in (0, 1]")
+    sample.add_argument("--batch-size", type=_positive_int, default=64, help="candidates drawn together")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--columns", type=_positive_int, default=8, help="grid columns")
+    sample.add_argument("--complete", metavar="IMAGE", help="image completion: keep the top rows of IMAGE")
+    sample.add_argument("--rows", type=int, metavar="R", help="token rows of IMAGE to keep (with --complete)")
+    for name in ("dvae", "clip", "tokenizer"):
+        sample.add_argument(f"--{name}", help=f"the {name} (default: the one in MODEL/models.json)")
+    sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
+    sample.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+
+    report = sub.add_parser("report", help="write report.html under the recipe's output directory")
+    report.add_argument("recipe")
+    report.add_argument("overrides", nargs="*")
     return p
 
 
@@ -147,6 +172,8 @@ def _run(args: argparse.Namespace) -> int:
             f"{name}: {stats.get('samples_in')} in, {stats.get('samples_out')} out "
             f"({drops}) in {stats.get('seconds', 0):.1f} s"
         )
+    if args.until is None:
+        print(f"report: {os.path.join(recipe.output_dir, 'report.html')}")
     return 0
 
 
@@ -205,6 +232,40 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from pipeline.models.generator import SamplingConfig
+    from pipeline.sample import describe, sample
+
+    if args.top_p is not None and args.top_p > 1:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.batch_size, args.seed)
+    summary = sample(
+        args.model,
+        args.prompt,
+        args.out,
+        n=args.n,
+        top=args.top,
+        sampling=sampling,
+        columns=args.columns,
+        complete=args.complete,
+        rows=args.rows,
+        dvae=args.dvae,
+        clip=args.clip,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        precision=args.precision,
+    )
+    print(describe(summary))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(write_report(load_recipe(args.recipe, args.overrides)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -226,7 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-COMMANDS = {"run": _run, "status": _status, "validate": _validate, "export": _export, "plan": _plan}
+COMMANDS = {
+    "run": _run,
+    "status": _status,
+    "validate": _validate,
+    "export": _export,
+    "plan": _plan,
+    "sample": _sample,
+    "report": _report,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

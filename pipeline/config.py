@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.config_base import Config as _Config
+from pipeline.config_generation import EvaluateConfig, SampleConfig
 from pipeline.config_models import ClipConfig, DVAEConfig, EncodeConfig, TransformerConfig
 
 
@@ -186,6 +187,17 @@ class Recipe(_Config):
     """Encode stage: image tokens, text tokens and CLIP embeddings per filtered shard."""
     transformer: TransformerConfig = TransformerConfig()
     """Train stage: the DALL·E transformer trained on the encoded shards."""
+    sample: SampleConfig | None = None
+    """Sample stage: reranked images for a prompt list; null skips it."""
+    evaluate: EvaluateConfig | None = None
+    """Evaluate stage (synthetic data only): generated images checked against the ground truth;
+    null skips it."""
+
+    @model_validator(mode="after")
+    def _evaluate_needs_truth(self) -> Recipe:
+        if self.evaluate is not None and self.ingest.synthetic is None:
+            raise ValueError("evaluate needs ingest.synthetic: the analyzer reads only the synthetic shapes")
+        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:

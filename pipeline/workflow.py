@@ -31,6 +31,8 @@ STAGES: dict[str, str] = {
     "clip": "pipeline.stages.clip:ClipStage",
     "encode": "pipeline.stages.encode:EncodeStage",
     "train": "pipeline.stages.train:TrainStage",
+    "sample": "pipeline.stages.sample:SampleStage",
+    "evaluate": "pipeline.stages.evaluate:EvaluateStage",
 }
 
 
@@ -48,8 +50,10 @@ def stage_class(name: str) -> type[Stage]:
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
+    """The recipe's stages in DAG order; optional ones (sample, evaluate) only when their section is set."""
     output_dir = storage.absolute(recipe.output_dir)
-    return [stage_class(name)(recipe, output_dir) for name in STAGES]
+    classes = [stage_class(name) for name in STAGES]
+    return [cls(recipe, output_dir) for cls in classes if getattr(recipe, cls.config_key) is not None]
 
 
 def downstream(stages: list[Stage], roots: set[str]) -> set[str]:
@@ -74,9 +78,13 @@ def plan(recipe: Recipe, force: list[str] = (), until: str | None = None) -> tup
     """The stages to run, their fingerprints and the set to clear; refuses mismatches."""
     stages = build_stages(recipe)
     # forcing clears downstream stages even past --until: their outputs would be stale
+    names = [s.name for s in stages]
+    for name in [*force, *([until] if until else [])]:
+        if stage_name(name) not in names:
+            raise InputError(f"stage '{stage_name(name)}' is not in this recipe (its section is not set)")
     forced = downstream(stages, {stage_name(f) for f in force})
     if until is not None:
-        last = [s.name for s in stages].index(stage_name(until))
+        last = names.index(stage_name(until))
         stages = stages[: last + 1]
     fps = fingerprints(stages)
     for stage in stages:
@@ -134,6 +142,10 @@ def run(
             stage.write_done(stats, time.monotonic() - started)
             results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
             log.info("%s done in %.1f s: %s", stage.name, time.monotonic() - started, stats)
+    if until is None:
+        from pipeline.report import write_report
+
+        log.info("report: %s", write_report(recipe))
     return results
 
 

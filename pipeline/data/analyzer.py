@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from pipeline.data.captions import COLOURS, RELATIONS
+from pipeline.data.captions import COLOURS, LAYOUT, RELATIONS
 
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], dtype=np.float64)
@@ -258,7 +258,7 @@ def _holds(a: Found, b: Found, rel: str) -> bool:
 
 
 # A pair's expected positions as the relation of the first object to the second.
-_PAIR = dict(zip((("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")), RELATIONS))
+_PAIR = {positions: rel for rel, positions in LAYOUT.items()}
 
 
 def score(found: Sequence[Found], objects: Sequence[Mapping[str, str]], relation: str | None = None) -> dict[str, bool]:

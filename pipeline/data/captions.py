@@ -31,6 +31,11 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 
+# Where each object of a pair lies for each relation of the first to the second (halves of the canvas).
+LAYOUT: Mapping[str, tuple[str, str]] = MappingProxyType(
+    dict(zip(RELATIONS, (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")), strict=True))
+)
+
 _INVERSE = dict(zip(RELATIONS, ("to the right of", "to the left of", "below", "above"), strict=True))
 
 # Each takes " of the picture" for the longer templates.
@@ -120,6 +125,15 @@ def caption(objects: Sequence[Mapping[str, str]], relation: str | None, rng: ran
     a, b = (_a(f"{o['size']} {o['colour']} {o['shape']}" if sized else f"{o['colour']} {o['shape']}") for o in objects)
     ca, cb = (f"{o['colour']} {o['shape']}" for o in objects)
     return rng.choice(_TWO).format(a=a, b=b, ca=ca, cb=cb, rel=relation, inv=_INVERSE[relation])
+
+
+def canonical(objects: Sequence[Mapping[str, str]], relation: str | None) -> str:
+    """The plainest caption of a scene, naming every attribute: "a large red circle on the left",
+    "a small red circle to the left of a large blue square" (the evaluation prompts' phrasing)."""
+    names = [_a(f"{o['size']} {o['colour']} {o['shape']}") for o in objects]
+    if relation is None:
+        return f"{names[0]} {_POS[objects[0]['position']].split('|')[0]}"
+    return f"{names[0]} {relation} {names[1]}"
 
 
 def _foreign_caption(obj: Mapping[str, str], rng: random.Random) -> str:

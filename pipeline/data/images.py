@@ -41,6 +41,11 @@ def grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
     return out
 
 
+def tile(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """uint8 BxHxWx3 images in rows of `columns` (the last row may be shorter), as one grid image."""
+    return grid([images[i : i + columns] for i in range(0, len(images), columns)], pad)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """uint8 HxWx3 -> PNG file bytes."""
     buf = io.BytesIO()

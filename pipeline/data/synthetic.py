@@ -26,6 +26,7 @@ from pipeline.config import SyntheticConfig
 # Re-exported: the attribute vocabulary and `caption` stay importable from this module.
 from pipeline.data.captions import (
     COLOURS,
+    LAYOUT,
     POSITIONS,
     RELATIONS,
     SHAPES,
@@ -77,9 +78,6 @@ _HALF = {
     "top": (0.0, 1.0, 0.0, 0.5),
     "bottom": (0.0, 1.0, 0.5, 1.0),
 }
-_LAYOUT = dict(
-    zip(RELATIONS, (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")), strict=True)
-)
 _CONTENT_TYPE = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 
@@ -150,6 +148,11 @@ def render(
     return image, boxes
 
 
+def heldout_pairs(cfg: SyntheticConfig) -> tuple[tuple[str, str], ...]:
+    """The (colour, shape) pairs `generate(cfg)` keeps out of the data."""
+    return _choose_heldout(cfg.heldout_pairs, random.Random(f"{cfg.seed}/heldout"))
+
+
 def _choose_heldout(n: int, rng: random.Random) -> tuple[tuple[str, str], ...]:
     colours, shapes = rng.sample(list(COLOURS), len(COLOURS)), rng.sample(SHAPES, len(SHAPES))
     # Shifted diagonals: distinct pairs, and for n <= 20 every colour and shape keeps 2+ partners.
@@ -182,7 +185,7 @@ class _Builder:
         if two:
             pairs.append(rng.choice([p for p in self.allowed if p != pairs[0]]))
             relation = rng.choice(RELATIONS)
-            positions = _LAYOUT[relation]
+            positions = LAYOUT[relation]
         return [
             {"colour": c, "shape": s, "size": size or rng.choice(SIZES), "position": p}
             for (c, s), p in zip(pairs, positions, strict=True)
@@ -257,7 +260,7 @@ def _defect(b: _Builder, kind: str, clean: list[tuple[dict, Image.Image]]) -> tu
 
 def generate(cfg: SyntheticConfig) -> SyntheticSet:
     """The clean samples plus round(count * defect_fraction) defect rows, in a seeded order."""
-    heldout = _choose_heldout(cfg.heldout_pairs, random.Random(f"{cfg.seed}/heldout"))
+    heldout = heldout_pairs(cfg)
     b = _Builder(cfg, heldout)
     n_two = round(cfg.count * cfg.two_object_fraction)
     clean = []

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.data.shards import Sample, npy_load
+from pipeline.models.generator import MODELS_FILE
 from pipeline.models.transformer import (
     DalleConfig,
     flops_per_token,
@@ -26,6 +27,7 @@ from pipeline.models.transformer import (
     save_dalle,
 )
 from pipeline.stages.base import InputError, RunContext
+from pipeline.stages.clip import clip_path
 from pipeline.stages.model_stage import ModelStage
 from pipeline.tracking import read_metrics
 
@@ -34,11 +36,13 @@ MODEL_FILES = ["model.pt", "config.json"]
 
 class TransformerTask:
     """The transformer as a `pipeline.train.loop.TrainTask`. Config: {"model": DalleConfig
-    dict, "eval_batch_size": int}."""
+    dict, "eval_batch_size": int, "models": {"dvae", "clip", "tokenizer": URL}} (the companions
+    the export names in `models.json`, for sampling)."""
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = DalleConfig.from_dict(config["model"])
         self.eval_batch_size = int(config.get("eval_batch_size", 16))
+        self.models = dict(config.get("models", {}))
         self.tokens_per_sample = self.cfg.seq_len
         self.flops_per_token = flops_per_token(self.cfg)
 
@@ -77,7 +81,10 @@ class TransformerTask:
 
     def export(self, model: nn.Module, out_url: str) -> list[str]:
         save_dalle(model, out_url)
-        return list(MODEL_FILES)
+        if not self.models:
+            return list(MODEL_FILES)
+        storage.write_json(storage.join(out_url, MODELS_FILE), self.models)
+        return [*MODEL_FILES, MODELS_FILE]
 
 
 def model_config(plan: dict[str, Any], transformer) -> DalleConfig:
@@ -162,9 +169,22 @@ class TrainStage(ModelStage):
             raise InputError(f"{self.upstream_url('encode')}: no encode plan; run the encode stage first")
         return model_config(plan, self.cfg)
 
+    def companions(self) -> dict[str, str]:
+        """The dVAE, CLIP and tokenizer the encoded shards were made with (for `models.json`)."""
+        return {
+            "dvae": storage.join(self.upstream_url("dvae"), "dvae.pt"),
+            "clip": clip_path(self.recipe, self.output_dir),
+            "tokenizer": storage.join(self.upstream_url("text-tokenizer"), "tokenizer.json"),
+        }
+
     def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
-        config = {"model": self.model_config().to_dict(), "eval_batch_size": self.cfg.eval_batch_size}
-        return list(MODEL_FILES), self.train(attempt, ctx, config, self.cfg.holdout)
+        config = {
+            "model": self.model_config().to_dict(),
+            "eval_batch_size": self.cfg.eval_batch_size,
+            "models": self.companions(),
+        }
+        trained = self.train(attempt, ctx, config, self.cfg.holdout)
+        return [*MODEL_FILES, MODELS_FILE], trained
 
     def score(self, attempt: str) -> tuple[dict[str, float], list[str]]:
         """The held-out losses and throughput of the run's last report (measured by the workers)."""

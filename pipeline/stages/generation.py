@@ -1,0 +1,90 @@
+"""What the generation stages (sample, evaluate) share: the trained models loaded once per pool
+actor, one shard per prompt, and the shard's files written and committed through the ledger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from pipeline.actor_pool import pool_shape, run_on_pool
+from pipeline.config_generation import GenerationConfig
+from pipeline.data.images import png_bytes
+from pipeline.ledger import Ledger, ShardRecord
+from pipeline.models.generator import Generation, ImageGenerator, SamplingConfig
+from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.stages.train import MODEL_FILES
+
+
+def load_generator(spec: dict[str, Any]) -> ImageGenerator:
+    """The models of one pool actor (spec: model URL, GPUs and CPUs per actor, precision)."""
+    on_gpu = spec["gpus"] > 0 and torch.cuda.is_available()
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(spec["cpus"])))
+    return ImageGenerator.load(spec["model"], device="cuda" if on_gpu else "cpu", precision=spec["precision"])
+
+
+def sampling(payload: dict[str, Any]) -> SamplingConfig:
+    keys = ("temperature", "top_k", "top_p", "batch_size", "seed")
+    return SamplingConfig(**{k: payload[k] for k in keys})
+
+
+def commit_shard(payload: dict[str, Any], files: dict[str, bytes], started: float, **counts: int) -> ShardRecord:
+    """Writes `files` (name -> bytes) to a fresh attempt folder and commits them as the payload's shard."""
+    ledger = Ledger(payload["stage_url"])
+    shard = payload["shard"]
+    attempt = ledger.attempt_dir(shard)
+    for name, data in files.items():
+        storage.write_atomic(storage.join(attempt, name), data)
+    return ledger.commit_files(
+        shard,
+        attempt,
+        list(files),
+        samples_in=payload["candidates"],
+        samples_out=payload["top"],
+        fingerprint=payload["fingerprint"],
+        started=started,
+        counts=counts,
+    )
+
+
+def kept_images(gen: Generation, top: int) -> list[tuple[int, float, bytes]]:
+    """(candidate index, CLIP score, PNG) of the `top` best candidates, best first."""
+    return [(int(i), float(gen.scores[i]), png_bytes(gen.images[i])) for i in gen.best(top)]
+
+
+class GenerationStage(Stage):
+    """A stage that draws reranked candidates per prompt with the trained transformer."""
+
+    upstream = ("train",)
+    shard_fn: str
+    """The per-prompt shard function, "module:function"."""
+
+    def model_url(self) -> str:
+        url = self.upstream_url("train")
+        missing = [f for f in MODEL_FILES if not storage.exists(storage.join(url, f))]
+        if missing:
+            raise InputError(f"{url}: no trained transformer ({', '.join(missing)} missing); run the train stage first")
+        return url
+
+    def run_prompts(self, ctx: RunContext, prompts: list[tuple[str, dict[str, Any]]]) -> None:
+        """Runs the (shard, payload) prompts the ledger does not hold yet on the actor pool."""
+        cfg: GenerationConfig = self.cfg
+        done = self.ledger.done()
+        self.write_plan(len(prompts))
+        todo = [(shard, payload) for shard, payload in prompts if shard not in done]
+        ctx.progress.start(self.name, total=len(prompts), done=len(prompts) - len(todo))
+        shape = pool_shape(cfg.actors, cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)
+        keys = ("candidates", "top", "temperature", "top_k", "top_p", "batch_size", "seed")
+        spec = {
+            "load": "pipeline.stages.generation:load_generator",
+            "fn": self.shard_fn,
+            "models": {"model": self.model_url(), "gpus": shape[1], "cpus": shape[2], "precision": cfg.precision},
+            "common": {
+                "stage_url": self.url,
+                "fingerprint": ctx.fingerprint.digest,
+                **{k: getattr(cfg, k) for k in keys},
+            },
+        }
+        run_on_pool(self.ledger, todo, spec, label=self.name, progress=ctx.progress, shape=shape)
