@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install browser demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,8 +20,15 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/dalle run jobs/demo.yaml
 	$(VENV)/bin/dalle status jobs/demo.yaml
+	@echo "report: runs/demo/report.html"
 
-test: install lint
+# Debian's chromium, for the test that renders report.html headless
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
+	  || { echo "make: install Debian's chromium package (apt-get install chromium) for the report test"; exit 1; }
+
+test: install lint browser
 	$(PY) -m pytest -q --durations=10
 
 lint: install

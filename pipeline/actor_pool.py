@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from pipeline.executor import StageFailed
+from pipeline.executor import StageFailed, first_line
 from pipeline.ledger import Ledger
 from pipeline.progress import StageProgress
 
@@ -104,11 +104,14 @@ def run_on_pool(
             max_task_retries=max_retries,
         )
         started, samples = time.monotonic(), 0
-        for row in dataset.iter_rows():
-            if row["error"]:
-                log.warning("%s: shard %s failed: %s", label, row["shard"], row["error"])
-            samples += int(row["samples_out"])
-            progress.advance(label, samples / max(time.monotonic() - started, 1e-6))
+        try:
+            for row in dataset.iter_rows():
+                if row["error"]:
+                    log.warning("%s: shard %s failed: %s", label, row["shard"], row["error"])
+                samples += int(row["samples_out"])
+                progress.advance(label, samples / max(time.monotonic() - started, 1e-6))
+        except Exception as err:  # noqa: BLE001 - e.g. actors that cannot load their models
+            raise StageFailed(f"stage '{label}': {first_line(err)}") from None
     failures = ledger.failures()
     if failures:
         shard, info = sorted(failures.items())[0]

@@ -32,7 +32,7 @@ class ShardTask:
     payload: Any
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None) or err
     text = f"{type(cause).__name__}: {cause}".strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -73,7 +73,7 @@ def run_tasks(
             try:
                 record: ShardRecord = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - a user-facing summary of a remote failure
-                failed[task.shard] = _first_line(err)
+                failed[task.shard] = first_line(err)
                 ledger.record_failure(task.shard, failed[task.shard])
                 log.warning("%s: shard %s failed: %s", label, task.shard, failed[task.shard])
                 continue

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import Recipe
+from pipeline.data.prompts import GROUPS
 from pipeline.tracking import read_metrics
 
 ASSETS = "report"
@@ -31,7 +32,8 @@ table { border-collapse: collapse; margin: 8px 0 20px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; font-size: 14px; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f2f2f2; }
-img { image-rendering: pixelated; display: block; }
+img { image-rendering: pixelated; display: block; zoom: 2; }
+img.plot { zoom: 1; }
 figure { display: inline-block; margin: 0 16px 16px 0; vertical-align: top; }
 figcaption { font-size: 13px; max-width: 360px; }
 .missing { color: #999; font-style: italic; }
@@ -98,7 +100,8 @@ def accuracy_table(groups: dict[str, Any]) -> str:
     head = "<tr><th>prompts</th><th>n</th><th>all, before rerank</th><th>all, after rerank</th>"
     head += "".join(f"<th>{a} (after)</th>" for a in attrs) + "<th>CLIP all</th><th>CLIP kept</th></tr>"
     body = []
-    for name, m in groups.items():
+    order = [g for g in (*GROUPS, "overall") if g in groups] + sorted(set(groups) - {*GROUPS, "overall"})
+    for name, m in ((g, groups[g]) for g in order):
         cells = [name, m["prompts"], _pct(m["before"]["all"]), _pct(m["after"]["all"])]
         cells += [_pct(m["after"].get(a)) for a in attrs]
         cells += [f"{m['clip_score']:.3f}", f"{m['clip_score_kept']:.3f}"]
@@ -106,8 +109,10 @@ def accuracy_table(groups: dict[str, Any]) -> str:
     return f"<table id='accuracy'>{head}{''.join(body)}</table>"
 
 
-def _figure(src: str, caption: str, alt: str) -> str:
-    return f"<figure><img src='{_e(src)}' alt='{_e(alt)}'><figcaption>{caption}</figcaption></figure>"
+def _figure(src: str, caption: str, alt: str, css: str = "") -> str:
+    """An image with its caption; images show at twice their size, pixels kept sharp (class `plot`: 1x)."""
+    cls = f" class='{css}'" if css else ""
+    return f"<figure><img{cls} src='{_e(src)}' alt='{_e(alt)}'><figcaption>{caption}</figcaption></figure>"
 
 
 def _sample_section(out_dir: str, url: str) -> str:
@@ -169,7 +174,7 @@ def build_report(recipe: Recipe) -> str:
     }
     curves = loss_curves(runs)
     body.append("<h2>Training curves</h2>")
-    body.append(_figure(_image(out_dir, "loss_curves.png", curves), "", "loss curves") if curves else "")
+    body.append(_figure(_image(out_dir, "loss_curves.png", curves), "", "loss curves", "plot") if curves else "")
     if not curves:
         body.append("<p class='missing'>no training metrics yet</p>")
 

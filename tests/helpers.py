@@ -176,6 +176,9 @@ TINY = {
             "log_sample_keys": True,
         },
     },
+    # the generation stages are switched on by the tests that need them (test_report.py)
+    "sample": None,
+    "evaluate": None,
 }
 
 

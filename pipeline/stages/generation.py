@@ -14,7 +14,7 @@ from pipeline.data.images import png_bytes
 from pipeline.ledger import Ledger, ShardRecord
 from pipeline.models.generator import Generation, ImageGenerator, SamplingConfig
 from pipeline.stages.base import InputError, RunContext, Stage
-from pipeline.stages.train import MODEL_FILES
+from pipeline.stages.train import MODEL_FILES, companions
 
 
 def load_generator(spec: dict[str, Any]) -> ImageGenerator:
@@ -22,7 +22,8 @@ def load_generator(spec: dict[str, Any]) -> ImageGenerator:
     on_gpu = spec["gpus"] > 0 and torch.cuda.is_available()
     if not on_gpu:
         torch.set_num_threads(max(1, int(spec["cpus"])))
-    return ImageGenerator.load(spec["model"], device="cuda" if on_gpu else "cpu", precision=spec["precision"])
+    paths = {k: spec[k] for k in ("dvae", "clip", "tokenizer")}
+    return ImageGenerator.load(spec["model"], device="cuda" if on_gpu else "cpu", precision=spec["precision"], **paths)
 
 
 def sampling(payload: dict[str, Any]) -> SamplingConfig:
@@ -80,7 +81,13 @@ class GenerationStage(Stage):
         spec = {
             "load": "pipeline.stages.generation:load_generator",
             "fn": self.shard_fn,
-            "models": {"model": self.model_url(), "gpus": shape[1], "cpus": shape[2], "precision": cfg.precision},
+            "models": {
+                "model": self.model_url(),
+                **companions(self.recipe, self.output_dir),
+                "gpus": shape[1],
+                "cpus": shape[2],
+                "precision": cfg.precision,
+            },
             "common": {
                 "stage_url": self.url,
                 "fingerprint": ctx.fingerprint.digest,

@@ -87,6 +87,15 @@ class TransformerTask:
         return [*MODEL_FILES, MODELS_FILE]
 
 
+def companions(recipe, output_dir: str) -> dict[str, str]:
+    """The dVAE, CLIP and tokenizer a run's encoded shards are made with (named in `models.json`)."""
+    return {
+        "dvae": storage.join(output_dir, "dvae", "dvae.pt"),
+        "clip": clip_path(recipe, output_dir),
+        "tokenizer": storage.join(output_dir, "text-tokenizer", "tokenizer.json"),
+    }
+
+
 def model_config(plan: dict[str, Any], transformer) -> DalleConfig:
     """The model for the encoded shards described by the encode stage's `plan`."""
     grid = math.isqrt(plan["image_tokens"])
@@ -169,19 +178,11 @@ class TrainStage(ModelStage):
             raise InputError(f"{self.upstream_url('encode')}: no encode plan; run the encode stage first")
         return model_config(plan, self.cfg)
 
-    def companions(self) -> dict[str, str]:
-        """The dVAE, CLIP and tokenizer the encoded shards were made with (for `models.json`)."""
-        return {
-            "dvae": storage.join(self.upstream_url("dvae"), "dvae.pt"),
-            "clip": clip_path(self.recipe, self.output_dir),
-            "tokenizer": storage.join(self.upstream_url("text-tokenizer"), "tokenizer.json"),
-        }
-
     def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
         config = {
             "model": self.model_config().to_dict(),
             "eval_batch_size": self.cfg.eval_batch_size,
-            "models": self.companions(),
+            "models": companions(self.recipe, self.output_dir),
         }
         trained = self.train(attempt, ctx, config, self.cfg.holdout)
         return [*MODEL_FILES, MODELS_FILE], trained
