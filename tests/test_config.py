@@ -123,3 +123,34 @@ def test_transformer_defaults_and_cluster_recipes_are_the_papers():
 def test_bad_transformer_settings_name_the_field(patch, expected):
     with pytest.raises(RecipeError, match=expected):
         build_recipe({**BASE, **patch})
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"sample": {"prompts": []}}, "field 'sample.prompts': Tuple should have at least 1 item"),
+        ({"sample": {"prompts": ["a"], "top": 9, "candidates": 8}}, "field 'sample': top 9 is above candidates 8"),
+        ({"sample": {"prompts": ["a"], "top_p": 1.5}}, "field 'sample.top_p'"),
+        ({"evaluate": {}}, "recipe: evaluate needs ingest.synthetic: the analyzer reads only the synthetic shapes"),
+    ],
+)
+def test_generation_sections_are_checked(patch, expected):
+    with pytest.raises(RecipeError) as info:
+        build_recipe({**BASE, **patch}, "r.yaml")
+    assert expected in str(info.value)
+
+
+def test_generation_stages_are_optional():
+    from pipeline.stages.base import InputError
+    from pipeline.workflow import build_stages, plan
+
+    recipe = build_recipe(BASE)
+    assert [s.name for s in build_stages(recipe)][-1] == "train"
+    with pytest.raises(InputError, match="stage 'sample' is not in this recipe"):
+        plan(recipe, until="sample")
+    demo = load_recipe(Path("jobs/demo.yaml"))
+    assert [s.name for s in build_stages(demo)][-2:] == ["sample", "evaluate"]
+    bad = {**BASE, "evaluate": {"seen_one": 0, "heldout_one": 0, "seen_two": 0, "heldout_two": 0, "paraphrased": 0}}
+    bad["ingest"] = {"synthetic": {}}
+    with pytest.raises(RecipeError, match="the prompt set is empty"):
+        build_recipe(bad, "r.yaml")
