@@ -166,3 +166,18 @@ def test_models_json_is_required_without_explicit_paths(folder, tmp_path):
     r = dalle("sample", str(bare), PROMPT, "--n", "2", "--top", "1", "--out", str(tmp_path / "g.png"), *paths)
     assert r.returncode == 0, r.stderr
     assert TextTokenizer.load(str(folder / "tokenizer.json"), 12).vocab_size > 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_generation_on_gpu_matches_the_cpu_reranking_path(folder):
+    gpu = ImageGenerator.load(str(folder / "model"), device="cuda")
+    assert gpu.dtype == torch.bfloat16 and next(gpu.dalle.parameters()).dtype == torch.bfloat16
+    result = gpu.generate(PROMPT, 16, SamplingConfig(batch_size=8, seed=1))
+    assert result.images.shape == (16, 32, 32, 3) and np.isfinite(result.scores).all()
+    # the same images scored on the CPU in fp32 rank the same way up to bf16 rounding
+    cpu = ImageGenerator.load(str(folder / "model"), device="cpu")
+    np.testing.assert_allclose(cpu.scores(result.images, PROMPT), result.scores, atol=2e-2)
+    fp32 = ImageGenerator.load(str(folder / "model"), device="cuda", precision="fp32")
+    cfg = SamplingConfig(batch_size=4, seed=2)
+    np.testing.assert_array_equal(fp32.sample(PROMPT, 4, cfg), fp32.sample(PROMPT, 4, cfg))
