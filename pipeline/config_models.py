@@ -123,6 +123,15 @@ class DVAEConfig(Config):
     """Final weight of the KL term against the uniform prior."""
     kl_steps: int = Field(5000, ge=1)
     """Updates over which the KL weight rises from 0 (cosine schedule)."""
+    straight_through: bool = False
+    """Feed the decoder the one-hot argmax of the Gumbel sample (straight-through gradients) instead
+    of the relaxed sample (the paper): it trains on the codes it decodes later. For short runs."""
+    usage_weight: float = Field(0.0, ge=0)
+    """Reward for using the whole codebook: minus this times the normalised entropy of the batch's
+    mean code distribution (0 in the paper; short runs collapse onto a few codes without it)."""
+    mse_weight: float = Field(0.0, ge=0)
+    """Pixel MSE of the reconstruction added to the loss with this weight (0 in the paper); makes
+    small objects count against a noisy background in short runs."""
     train: TrainConfig = TrainConfig(
         steps=3_000_000, batch_size=8, lr=1e-4, min_lr=1.25e-6, betas=(0.9, 0.999), weight_decay=1e-4
     )

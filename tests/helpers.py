@@ -125,6 +125,7 @@ def compare_stage(got_dir: Path, ref_dir: Path) -> dict[str, int]:
 
 TINY = {
     "dvae": {
+        "group_count": 4,  # 8x8 tokens at 64 px (the demo's 16x16 is slower to train on)
         "vocab_size": 128,
         "n_hid": 32,
         "n_init": 32,

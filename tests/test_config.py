@@ -21,7 +21,7 @@ def test_every_recipe_in_jobs_validates(path):
 def test_demo_recipe_is_synthetic_and_small():
     recipe = load_recipe(Path("jobs/demo.yaml"))
     assert recipe.ingest.synthetic is not None
-    assert recipe.ingest.synthetic.count <= 2000
+    assert recipe.ingest.synthetic.count <= 5000
 
 
 def test_defaults_are_the_papers():

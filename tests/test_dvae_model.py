@@ -226,3 +226,37 @@ def test_bf16_autocast_close_to_fp32(small):
     assert abs(low.loss.item() - ref.loss.item()) < 0.05 * abs(ref.loss.item()) + 0.02
     assert (low.recon - ref.recon).abs().max() < 0.05
     assert images.dtype == torch.float32 and images.shape == x.shape
+
+
+def test_short_run_options_straight_through_usage_and_mse(small):
+    from pipeline.models.dvae import map_pixels, unmap_pixels, usage_entropy
+
+    x = _images()
+    base = dict(temperature=1.0, kl_weight=0.0)
+    plain = small(x, **base, generator=torch.Generator().manual_seed(3))
+    st = small(x, **base, generator=torch.Generator().manual_seed(3), straight_through=True)
+    # straight-through: the decoder sees exactly the one-hot codes of the Gumbel sample's argmax ...
+    u = torch.rand(st.logits.shape, generator=torch.Generator().manual_seed(3)).clamp(
+        torch.finfo(torch.float32).tiny, 1 - torch.finfo(torch.float32).eps
+    )
+    hard = (st.logits - torch.log(-torch.log(u))).argmax(dim=1)
+    with torch.no_grad():
+        expected = unmap_pixels(torch.sigmoid(small.decoder.forward_tokens(hard)[:, :3]))
+    torch.testing.assert_close(st.recon, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(st.recon, plain.recon)
+    # ... and the encoder still gets gradients through the relaxed sample
+    small.zero_grad()
+    st.loss.backward()
+    assert small.encoder.blocks.input.weight.grad.abs().sum() > 0
+    # usage entropy: 1 for a uniform mean distribution, 0 for a single code; subtracted with its weight
+    assert usage_entropy(torch.zeros(2, 64, 4, 4)).item() == pytest.approx(1.0)
+    one = torch.full((2, 64, 4, 4), -30.0)
+    one[:, 5] = 30.0
+    assert usage_entropy(one).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        u_out = small(x, **base, generator=torch.Generator().manual_seed(3), usage_weight=0.5)
+        m_out = small(x, **base, generator=torch.Generator().manual_seed(3), mse_weight=30.0)
+    assert u_out.loss.item() == pytest.approx(plain.loss.item() - 0.5 * usage_entropy(plain.logits).item(), rel=1e-5)
+    mse = ((plain.recon - x) ** 2).mean().item()
+    assert m_out.loss.item() == pytest.approx(plain.loss.item() + 30.0 * mse, rel=1e-5)
+    assert map_pixels(x).shape == x.shape

@@ -256,11 +256,13 @@ def test_dvae_stage_uses_openai_weights_instead_of_training(tmp_path, run):
     assert not (out / "dvae" / "_train").exists()  # checked, not trained
 
 
-def test_the_demo_dvae_reconstructs_held_out_images_better_than_their_mean_image(tmp_path):
-    """The demo recipe's own dVAE (300 updates on the demo's 620 filtered images), scored on the
-    16 filtered images it never trained on."""
+def test_the_demo_dvae_reconstructs_held_out_images_far_better_than_their_mean_image(tmp_path):
+    """The demo recipe's dVAE settings (straight-through codes, usage reward, pixel MSE; 16x16
+    tokens) for half the demo's updates on a third of its data, scored on 16 filtered images it
+    never trained on. The paper's loss at this length did not beat the mean image by much."""
     overrides = [f"output_dir={tmp_path / 'out'}", f"ingest.synthetic.port={free_port()}"]
+    overrides += ["ingest.synthetic.count=1000", "dvae.train.steps=600", "dvae.train.checkpoint_every=300"]
     result = dalle("run", "jobs/demo.yaml", *overrides, "--until", "dvae", "--no-progress", timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads((tmp_path / "out" / "dvae" / "metrics.json").read_text())
-    assert scores["recon_mse"] < scores["mean_image_mse"], scores
+    assert scores["recon_mse"] < 0.3 * scores["mean_image_mse"], scores

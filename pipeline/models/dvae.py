@@ -143,6 +143,13 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return per_position.flatten(1).sum(dim=1)
 
 
+def usage_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the code distribution averaged over the batch and the grid, over log K (1 = every code
+    equally used, 0 = one code)."""
+    p = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))
+    return -(p * torch.log(p + 1e-10)).sum() / math.log(logits.shape[1])
+
+
 @dataclass
 class DVAEOutput:
     loss: torch.Tensor
@@ -192,8 +199,23 @@ class DVAE(nn.Module):
         return self.encoder.blocks.input.weight.dtype
 
     def forward(
-        self, x01: torch.Tensor, temperature: float, kl_weight: float, generator: torch.Generator | None = None
+        self,
+        x01: torch.Tensor,
+        temperature: float,
+        kl_weight: float,
+        generator: torch.Generator | None = None,
+        *,
+        straight_through: bool = False,
+        usage_weight: float = 0.0,
+        mse_weight: float = 0.0,
     ) -> DVAEOutput:
+        """The loss of a batch of [0,1] images. The paper's is the default: relaxed Gumbel-softmax codes into the
+        decoder, logit-Laplace NLL + `kl_weight` x KL. `straight_through` feeds the decoder the one-hot argmax of the
+        Gumbel sample (gradients through the relaxed one), so it trains on the codes it decodes at inference;
+        `usage_weight` subtracts that much of the normalised entropy of the batch's mean code distribution (keeps
+        the codebook in use); `mse_weight` adds that much pixel MSE of the reconstruction (weighs the objects
+        against a noisy background). The last three are for short runs on small data, where the paper's loss
+        collapses onto a few codes."""
         x = map_pixels(x01.float())
         logits = self.encoder(x.to(self._dtype)).float()
         # Gumbel-softmax relaxation; the noise comes from `generator` so steps are reproducible.
@@ -202,7 +224,11 @@ class DVAE(nn.Module):
         fi = torch.finfo(u.dtype)
         u = u.clamp(fi.tiny, 1 - fi.eps)  # keeps -log(-log(u)) finite
         soft = F.softmax((logits - torch.log(-torch.log(u))) / temperature, dim=1)
-        out = self.decoder(soft.to(self._dtype)).float()
+        codes = soft
+        if straight_through:
+            hard = F.one_hot(soft.argmax(dim=1), soft.shape[1]).permute(0, 3, 1, 2).to(soft.dtype)
+            codes = hard - soft.detach() + soft
+        out = self.decoder(codes.to(self._dtype)).float()
         c = out.shape[1] // 2
         mu, log_b = out[:, :c], out[:, c:]
         nll = logit_laplace_nll(x, mu, log_b).mean()
@@ -210,8 +236,12 @@ class DVAE(nn.Module):
         # The ELBO is sum-NLL + KL per image; dividing both by C*H*W keeps the loss per pixel
         # dimension (comparable across image sizes) without changing the NLL/KL balance.
         loss = nll + kl_weight * kl / x01[0].numel()
-        recon = unmap_pixels(torch.sigmoid(mu)).detach()
-        return DVAEOutput(loss=loss, nll=nll, kl=kl, recon=recon, logits=logits)
+        recon = unmap_pixels(torch.sigmoid(mu))
+        if mse_weight:
+            loss = loss + mse_weight * ((recon - x01.float()) ** 2).mean()
+        if usage_weight:
+            loss = loss - usage_weight * usage_entropy(logits)
+        return DVAEOutput(loss=loss, nll=nll, kl=kl, recon=recon.detach(), logits=logits)
 
     @torch.no_grad()
     def tokens(self, x01: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,16 @@ class DVAETask:
 
     def loss(self, engine, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         temperature, kl_weight = schedules(self.cfg, step)
-        out = engine(batch["images"], temperature, kl_weight, generator)
+        cfg = self.cfg
+        out = engine(
+            batch["images"],
+            temperature,
+            kl_weight,
+            generator,
+            straight_through=cfg.straight_through,
+            usage_weight=cfg.usage_weight,
+            mse_weight=cfg.mse_weight,
+        )
         stats = {"nll": float(out.nll), "kl": float(out.kl), "temperature": temperature, "kl_weight": kl_weight}
         return out.loss, {**stats, **codebook_stats(out.logits.detach())}
 
