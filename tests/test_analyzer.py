@@ -26,7 +26,7 @@ def _scenes(rng: random.Random) -> list[tuple[list[dict], str | None]]:
         scenes.append(([{"colour": c, "shape": s, "size": z, "position": rng.choice(synthetic.POSITIONS)}], None))
         other = rng.choice([(c2, s2) for c2 in synthetic.COLOURS for s2 in synthetic.SHAPES if (c2, s2) != (c, s)])
         rel = rng.choice(synthetic.RELATIONS)
-        first, second = synthetic._LAYOUT[rel]
+        first, second = synthetic.LAYOUT[rel]
         pair = [
             {"colour": c, "shape": s, "size": z, "position": first},
             {"colour": other[0], "shape": other[1], "size": rng.choice(synthetic.SIZES), "position": second},
