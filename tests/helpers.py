@@ -126,6 +126,13 @@ def compare_stage(got_dir: Path, ref_dir: Path) -> dict[str, int]:
 TINY = {
     "dvae": {
         "group_count": 4,  # 8x8 tokens at 64 px (the demo's 16x16 is slower to train on)
+        # the paper's loss and schedules (the demo's short-run options are tested on their own)
+        "temperature_start": 1.0,
+        "temperature_end": 0.0625,
+        "kl_weight": 6.6,
+        "straight_through": False,
+        "usage_weight": 0.0,
+        "mse_weight": 0.0,
         "vocab_size": 128,
         "n_hid": 32,
         "n_init": 32,
