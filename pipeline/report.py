@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import Recipe
 from pipeline.data.prompts import GROUPS
+from pipeline.stages.generation import shard_records
 from pipeline.tracking import read_metrics
 
 ASSETS = "report"
@@ -116,11 +117,8 @@ def _figure(src: str, caption: str, alt: str, css: str = "") -> str:
 
 
 def _sample_section(out_dir: str, url: str) -> str:
-    from pipeline.ledger import Ledger
-
     parts = []
-    for shard in sorted(Ledger(url).done()):
-        info = storage.read_json(storage.join(url, f"{shard}.json"))
+    for shard, info in shard_records(url):
         src = _image(out_dir, f"sample_{shard}.png", storage.read_bytes(storage.join(url, f"{shard}.png")))
         best = info["kept"][0]["score"]
         caption = (
@@ -131,8 +129,6 @@ def _sample_section(out_dir: str, url: str) -> str:
 
 
 def _evaluate_section(out_dir: str, url: str, per_group: int) -> str:
-    from pipeline.ledger import Ledger
-
     metrics = storage.read_json_or_none(storage.join(url, "metrics.json"))
     if metrics is None:
         return "<p class='missing'>not evaluated yet</p>"
@@ -142,8 +138,7 @@ def _evaluate_section(out_dir: str, url: str, per_group: int) -> str:
         accuracy_table(metrics["groups"]),
     ]
     shown: dict[str, int] = {}
-    for shard in sorted(Ledger(url).done()):
-        info = storage.read_json(storage.join(url, f"{shard}.json"))
+    for shard, info in shard_records(url):
         group = info["prompt"]["group"]
         if shown.get(group, 0) >= per_group:
             continue

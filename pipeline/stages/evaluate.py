@@ -24,7 +24,7 @@ from pipeline.data.synthetic import heldout_pairs
 from pipeline.ledger import ShardRecord
 from pipeline.models.generator import ImageGenerator
 from pipeline.stages.base import RunContext
-from pipeline.stages.generation import GenerationStage, commit_shard, sampling
+from pipeline.stages.generation import GenerationStage, commit_shard, sampling, shard_records
 
 CHECKS = ("colour", "shape", "size", "position", "count", "relation", "all")
 
@@ -106,7 +106,7 @@ class EvaluateStage(GenerationStage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         prompts = self.prompts()
         self.run_prompts(ctx, [(f"{i:05d}", {"prompt": p.to_dict()}) for i, p in enumerate(prompts)])
-        records = [storage.read_json(storage.join(self.url, f"{shard}.json")) for shard in sorted(self.ledger.done())]
+        records = [record for _, record in shard_records(self.url)]
         metrics = {"candidates": self.cfg.candidates, "top": self.cfg.top, "groups": accuracy(records)}
         storage.write_json(storage.join(self.url, "metrics.json"), metrics)
         self.track(metrics["groups"])

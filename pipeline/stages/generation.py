@@ -10,9 +10,8 @@ import torch
 from pipeline import storage
 from pipeline.actor_pool import pool_shape, run_on_pool
 from pipeline.config_generation import GenerationConfig
-from pipeline.data.images import png_bytes
 from pipeline.ledger import Ledger, ShardRecord
-from pipeline.models.generator import Generation, ImageGenerator, SamplingConfig
+from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.stages.base import InputError, RunContext, Stage
 from pipeline.stages.train import MODEL_FILES, companions
 
@@ -50,9 +49,9 @@ def commit_shard(payload: dict[str, Any], files: dict[str, bytes], started: floa
     )
 
 
-def kept_images(gen: Generation, top: int) -> list[tuple[int, float, bytes]]:
-    """(candidate index, CLIP score, PNG) of the `top` best candidates, best first."""
-    return [(int(i), float(gen.scores[i]), png_bytes(gen.images[i])) for i in gen.best(top)]
+def shard_records(url: str) -> list[tuple[str, dict]]:
+    """(shard, its `<shard>.json`) for every committed prompt shard of the stage at `url`, in shard order."""
+    return [(shard, storage.read_json(storage.join(url, f"{shard}.json"))) for shard in sorted(Ledger(url).done())]
 
 
 class GenerationStage(Stage):

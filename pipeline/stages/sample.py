@@ -13,7 +13,7 @@ from pipeline.data.images import png_bytes, tile
 from pipeline.ledger import ShardRecord
 from pipeline.models.generator import ImageGenerator
 from pipeline.stages.base import RunContext
-from pipeline.stages.generation import GenerationStage, commit_shard, kept_images, sampling
+from pipeline.stages.generation import GenerationStage, commit_shard, sampling
 
 
 def sample_shard(gen: ImageGenerator, payload: dict[str, Any]) -> ShardRecord:
@@ -21,7 +21,7 @@ def sample_shard(gen: ImageGenerator, payload: dict[str, Any]) -> ShardRecord:
     started = time.monotonic()
     shard, prompt, top = payload["shard"], payload["prompt"], payload["top"]
     result = gen.generate(prompt, payload["candidates"], sampling(payload))
-    kept = kept_images(result, top)
+    kept = [(int(i), float(result.scores[i]), png_bytes(result.images[i])) for i in result.best(top)]
     files = {f"{shard}.{rank:02d}.png": png for rank, (_, _, png) in enumerate(kept)}
     summary = {
         "prompt": prompt,
