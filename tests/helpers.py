@@ -140,11 +140,11 @@ TINY = {
         "kl_steps": 50,
         "reconstructions": 8,
         "train": {
-            "steps": 100,
+            "steps": 60,
             "batch_size": 16,
             "lr": 3e-3,
             "min_lr": 1e-4,
-            "checkpoint_every": 40,
+            "checkpoint_every": 30,
             "log_every": 5,
             "ema_decay": 0.9,
         },
