@@ -42,6 +42,8 @@ format: install
 bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/encode.py
+	$(PY) benchmarks/train.py demo
+	$(PY) benchmarks/sample.py demo
 
 clean:
 	rm -rf runs .pytest_cache

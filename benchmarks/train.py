@@ -6,10 +6,10 @@ masks against dense masked SDPA on the same model and batch, printed as JSON wit
     python benchmarks/train.py 1.3b --micro-batch 8 --checkpoint-activations
 
 One process, one device: the model's forward + backward + a fused AdamW step on random tokens
-(the sequence geometry is the paper's: 256 text + 32x32 image tokens; the demo preset uses the
-demo's 64 + 8x8). MFU = model FLOPs per token (`flops_per_token`, no recomputation counted) x
-tokens/s / the device's dense bf16 peak. FlexAttention has no CPU backward in torch 2.13, so on
-CPU only SDPA is measured.
+(the sequence geometry is the paper's: 256 text + 32x32 image tokens; the demo preset uses
+jobs/demo.yaml's: 32 text + 16x16 image tokens). MFU = model FLOPs per token (`flops_per_token`,
+no recomputation counted) x tokens/s / the device's dense bf16 peak. FlexAttention has no CPU
+backward in torch 2.13, so on CPU only SDPA is measured.
 """
 
 from __future__ import annotations
@@ -18,14 +18,22 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from pipeline.models.transformer import Dalle, flops_per_token, param_count, preset
 from pipeline.train.throughput import peak_flops
 
+_DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
 GEOMETRY = {
-    "demo": {"text_len": 64, "text_vocab": 1024, "image_grid": 8, "image_vocab": 256},
+    "demo": {
+        "text_len": _DEMO["text_tokenizer"]["text_len"],
+        "text_vocab": _DEMO["text_tokenizer"]["vocab_size"],
+        "image_grid": _DEMO["dvae"]["image_size"] // 2 ** (_DEMO["dvae"]["group_count"] - 1),
+        "image_vocab": _DEMO["dvae"]["vocab_size"],
+    },
     "paper": {"text_len": 256, "text_vocab": 16384, "image_grid": 32, "image_vocab": 8192},
 }
 
