@@ -42,7 +42,7 @@ def main() -> None:
 
     model = load_dvae(args.dvae).eval()
     rng = random.Random(args.seed)
-    objects, images = [], []
+    objects, images, side = [], [], model.image_size
     for _ in range(args.count):
         obj = {
             "colour": rng.choice(list(COLOURS)),
@@ -51,7 +51,6 @@ def main() -> None:
             "position": rng.choice(POSITIONS),
         }
         image, _ = render([obj], 96, rng)
-        side = model.image_size
         images.append(np.asarray(image.resize((side, side), Image.Resampling.BICUBIC)))
         objects.append(obj)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255

@@ -21,18 +21,18 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from pipeline.config import load_recipe
 from pipeline.models.transformer import Dalle, flops_per_token, param_count, preset
 from pipeline.train.throughput import peak_flops
 
-_DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
+_DEMO = load_recipe(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml")
 GEOMETRY = {
     "demo": {
-        "text_len": _DEMO["text_tokenizer"]["text_len"],
-        "text_vocab": _DEMO["text_tokenizer"]["vocab_size"],
-        "image_grid": _DEMO["dvae"]["image_size"] // 2 ** (_DEMO["dvae"]["group_count"] - 1),
-        "image_vocab": _DEMO["dvae"]["vocab_size"],
+        "text_len": _DEMO.text_tokenizer.text_len,
+        "text_vocab": _DEMO.text_tokenizer.vocab_size,
+        "image_grid": _DEMO.dvae.grid,
+        "image_vocab": _DEMO.dvae.vocab_size,
     },
     "paper": {"text_len": 256, "text_vocab": 16384, "image_grid": 32, "image_vocab": 8192},
 }
