@@ -39,8 +39,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-
-    model = load_dvae(args.dvae).eval()
+    if args.count < 1:
+        parser.error(f"--count must be at least 1, got {args.count}")
+    try:
+        model = load_dvae(args.dvae).eval()
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"dvae_fidelity: {err}\n")
     rng = random.Random(args.seed)
     objects, images, side = [], [], model.image_size
     for _ in range(args.count):
