@@ -7,6 +7,13 @@
     dalle plan RECIPE [key=value ...] --gpus N --gpu-mem GB [--gpus-per-node 8] [--json]
     dalle sample MODEL "a red cube to the left of a blue sphere" [--n 64] [--top 8] [--out grid.png]
     dalle report RECIPE [key=value ...]
+    dalle submit RECIPE [key=value ...] [--address URL] [--follow] [--force STAGE] [--until STAGE]
+    dalle jobs [--address URL] [--json]
+    dalle logs ID [--address URL] [--follow]
+    dalle stop ID [--address URL]
+
+The cluster commands take the dashboard address from --address, else RAY_ADDRESS, and the cluster
+token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 
 User mistakes (bad recipe, bad input, output written by another recipe) print one line and exit
 with code 2; a stage whose shards failed exits with 1 (rerun to retry them), as does `validate`
@@ -22,12 +29,13 @@ import logging
 import os
 import sys
 
+from pipeline.cluster import ClusterError
 from pipeline.config import RecipeError, load_recipe
 from pipeline.ledger import FingerprintMismatch
 from pipeline.schemas import SchemaError
 from pipeline.stages.base import InputError
 
-USER_ERRORS = (RecipeError, InputError, FingerprintMismatch, SchemaError)
+USER_ERRORS = (RecipeError, InputError, FingerprintMismatch, SchemaError, ClusterError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +103,34 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.html under the recipe's output directory")
     report.add_argument("recipe")
     report.add_argument("overrides", nargs="*")
+
+    address_help = "the Ray dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)"
+    submit = sub.add_parser("submit", help="run a recipe as a Ray job on a cluster (resumes from its ledgers)")
+    submit.add_argument("recipe")
+    submit.add_argument("overrides", nargs="*")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument("--force", action="append", default=[], metavar="STAGE", help="as for `dalle run`")
+    submit.add_argument("--until", metavar="STAGE", help="as for `dalle run`")
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable of the job (repeatable)"
+    )
+    submit.add_argument(
+        "--no-resource-check", action="store_true", help="submit even if the cluster lacks the GPUs asked for now"
+    )
+
+    jobs = sub.add_parser("jobs", help="the cluster's jobs, newest first")
+    jobs.add_argument("--address", help=address_help)
+    jobs.add_argument("--json", action="store_true", help="print JSON")
+
+    logs = sub.add_parser("logs", help="a job's logs")
+    logs.add_argument("job_id", metavar="ID")
+    logs.add_argument("--address", help=address_help)
+    logs.add_argument("--follow", action="store_true", help="stream them until the job ends")
+
+    stop = sub.add_parser("stop", help="stop a job; submitting its recipe again resumes it")
+    stop.add_argument("job_id", metavar="ID")
+    stop.add_argument("--address", help=address_help)
     return p
 
 
@@ -266,6 +302,90 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_pairs(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--env {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _job_exit(job_id: str, state: str) -> int:
+    print(f"job {job_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+    from pipeline.cluster import dashboard_address
+    from pipeline.workflow import stage_name
+
+    address = dashboard_address(args.address)
+    for name in [*args.force, *([args.until] if args.until else [])]:
+        stage_name(name)
+    job_id = jobs.submit(
+        address,
+        args.recipe,
+        args.overrides,
+        force=args.force,
+        until=args.until,
+        env=_env_pairs(args.env),
+        check_resources=not args.no_resource_check,
+    )
+    print(f"submitted {job_id}")
+    print(f"dashboard: {jobs.job_url(address, job_id)}")
+    if not args.follow:
+        print(f"follow it: dalle logs {job_id} --follow --address {address}")
+        return 0
+    try:
+        return _job_exit(job_id, jobs.logs(address, job_id, follow=True))
+    except KeyboardInterrupt:
+        print(f"detached; the job goes on (dalle logs {job_id} --follow, dalle stop {job_id})", file=sys.stderr)
+        return 130
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import jobs
+    from pipeline.cluster import dashboard_address
+
+    rows = jobs.list_jobs(dashboard_address(args.address))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="jobs")
+    for col in ("id", "status", "recipe", "output_dir", "started", "ended", "message"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["id"], r["status"], r["recipe"], r["output_dir"], _when(r["start"]), _when(r["end"]), r["message"]
+        )
+    Console(width=max(130, Console().width)).print(table)
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+    from pipeline.cluster import dashboard_address
+
+    address = dashboard_address(args.address)
+    state = jobs.logs(address, args.job_id, follow=args.follow)
+    return _job_exit(args.job_id, state) if args.follow else 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+    from pipeline.cluster import dashboard_address
+
+    state = jobs.stop(dashboard_address(args.address), args.job_id)
+    print(f"job {args.job_id}: {state}")
+    return 0 if state in jobs.TERMINAL else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -295,6 +415,10 @@ COMMANDS = {
     "plan": _plan,
     "sample": _sample,
     "report": _report,
+    "submit": _submit,
+    "jobs": _jobs,
+    "logs": _logs,
+    "stop": _stop,
 }
 
 if __name__ == "__main__":

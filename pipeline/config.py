@@ -161,6 +161,9 @@ class RayConfig(_Config):
     """CPUs of the local Ray instance; null uses the machine's."""
     cpus_per_task: float = Field(1.0, gt=0)
     """CPUs each shard task asks Ray for."""
+    shared_filesystem: bool = False
+    """A local `output_dir` is on a filesystem every node mounts (NFS); without it a local
+    output_dir is refused on a cluster of more than one node."""
 
 
 class Recipe(_Config):

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from pipeline import storage
+from pipeline.cluster import local_output_problem
 from pipeline.config import Recipe
 from pipeline.ledger import Fingerprint
 from pipeline.progress import StageProgress
@@ -107,10 +108,14 @@ def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> 
         return
     address = address or recipe.ray.address
     common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
-    if address:
-        ray.init(address=address, **common)
-    else:
+    if not address:
         ray.init(num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
+        return
+    ray.init(address=address, **common)
+    problem = local_output_problem(recipe, sum(1 for n in ray.nodes() if n["Alive"]), address)
+    if problem:
+        ray.shutdown()
+        raise InputError(problem)
 
 
 def run(

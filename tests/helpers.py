@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -216,3 +217,38 @@ def recipe_at(tmp_path, run, stages):
     path.write_text(yaml.safe_dump(data))
     copy_stages(out, tmp_path / "out", stages)
     return path, tmp_path / "out"
+
+
+def train_sample_keys(out) -> dict[int, list[list[str]]]:
+    """rank -> the keys of every step, in step order, from the rank's checkpoint-interval files."""
+    root = out / "train" / "_train" / "sample_keys"
+    keys = {}
+    for rank_dir in sorted(root.iterdir()):
+        steps = []
+        for f in sorted(rank_dir.iterdir()):
+            steps += json.loads(f.read_text())["keys"]
+        keys[int(rank_dir.name.split("_")[1])] = steps
+    return keys
+
+
+def compare_keys(got: dict, ref: dict) -> dict[str, int]:
+    """Per (rank, step, key): samples the uninterrupted run trained on that this one did not
+    (missing), or trained on more often (duplicate; a batch across an epoch boundary may hold a
+    key twice, in both runs alike), and keys the reference never saw (extra)."""
+    count = lambda k: collections.Counter(
+        (r, i, key) for r, steps in k.items() for i, step in enumerate(steps) for key in step
+    )  # noqa: E731
+    got_n, ref_n = count(got), count(ref)
+    return {
+        "missing": sum((ref_n - got_n).values()),
+        "duplicate": sum((got_n - ref_n).values()),
+        "extra": len({t[2] for t in got_n} - {t[2] for t in ref_n}),
+    }
+
+
+def train_step(progress: Path) -> int:
+    """The step in a train stage's `_train/progress.json`; 0 before it is written."""
+    try:
+        return json.loads(progress.read_text())["step"]
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0

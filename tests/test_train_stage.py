@@ -11,12 +11,11 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 
 import pytest
 import torch
 import yaml
-from helpers import dalle, kill_run_when, recipe_at, run_until
+from helpers import compare_keys, dalle, kill_run_when, recipe_at, run_until, train_sample_keys, train_step
 
 from pipeline.data.loader import ledger_spans, read_span, split_holdout
 from pipeline.models.transformer import load_dalle
@@ -38,40 +37,8 @@ def _train_recipe(tmp_path, run, transformer=None, **train):
     return recipe, out
 
 
-def _sample_keys(out) -> dict[int, list[list[str]]]:
-    """rank -> the keys of every step, in step order, from the rank's checkpoint-interval files."""
-    root = out / "train" / "_train" / "sample_keys"
-    keys = {}
-    for rank_dir in sorted(root.iterdir()):
-        steps = []
-        for f in sorted(rank_dir.iterdir()):
-            steps += json.loads(f.read_text())["keys"]
-        keys[int(rank_dir.name.split("_")[1])] = steps
-    return keys
-
-
 def _losses(out) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(str(out / "train" / "metrics.jsonl")) if "loss" in m}
-
-
-def _step(progress) -> int:
-    try:
-        return json.loads(progress.read_text())["step"]
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return 0
-
-
-def _compare_keys(got: dict, ref: dict) -> dict[str, int]:
-    """Per (rank, step, key): samples the uninterrupted run trained on that this one did not
-    (missing), or trained on more often (duplicate; a batch across an epoch boundary may hold a
-    key twice, in both runs alike), and keys the reference never saw (extra)."""
-    count = lambda k: Counter((r, i, key) for r, steps in k.items() for i, step in enumerate(steps) for key in step)  # noqa: E731
-    got_n, ref_n = count(got), count(ref)
-    return {
-        "missing": sum((ref_n - got_n).values()),
-        "duplicate": sum((got_n - ref_n).values()),
-        "extra": len({t[2] for t in got_n} - {t[2] for t in ref_n}),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +61,7 @@ def test_zero2_training_lowers_the_loss_and_reports_its_throughput(reference):
     assert last["tokens_per_s"] == pytest.approx(last["samples_per_s"] * cfg.seq_len)
     scores = json.loads((reference / "train" / "metrics.json").read_text())
     assert scores["step"] == 40 and 0 < scores["heldout_loss"] < first["loss"]
-    keys = _sample_keys(reference)
+    keys = train_sample_keys(reference)
     assert sorted(keys) == [0, 1] and all(len(steps) == 40 for steps in keys.values())
     assert all(len(step) == 8 for steps in keys.values() for step in steps)
     first_epoch = [set(k for step in keys[r][:4] for k in step) for r in (0, 1)]
@@ -131,7 +98,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_sam
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
             pids = pids or _train_worker_pids()  # found ahead, so the kill itself is immediate
-            step = _step(progress)
+            step = train_step(progress)
             if pids and step >= 12:
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(step)
@@ -145,9 +112,9 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_sam
     assert killed and killed[0] < 20, f"the worker was not killed between checkpoints 10 and 20 ({killed})"
     metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
     assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10]
-    comparison = _compare_keys(_sample_keys(out), _sample_keys(reference))
+    comparison = compare_keys(train_sample_keys(out), train_sample_keys(reference))
     assert comparison == {"missing": 0, "duplicate": 0, "extra": 0}
-    assert _sample_keys(out) == _sample_keys(reference)  # and in the same order
+    assert train_sample_keys(out) == train_sample_keys(reference)  # and in the same order
     assert _losses(out) == pytest.approx(_losses(reference), rel=1e-4)
 
 
@@ -158,7 +125,7 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
     progress = out / "train" / "_train" / "progress.json"
     kill_run_when(
         ["run", str(recipe), "--until", "train", "--no-progress"],
-        lambda: _step(progress) >= 22,
+        lambda: train_step(progress) >= 22,
         timeout=400,
     )
     run_dir = out / "train" / "_train" / "run"
@@ -176,7 +143,7 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
     metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
     assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10]
     assert _losses(out) == pytest.approx(_losses(reference), rel=1e-4)
-    assert _sample_keys(out) == _sample_keys(reference)
+    assert train_sample_keys(out) == train_sample_keys(reference)
     # the resumed run continued the same W&B run
     assert json.loads((run_dir / "checkpoint_00000040" / "trainer_state.json").read_text())["run_id"] == run_id
     wandb_runs = {p.name.rsplit("-", 1)[-1] for p in (out / "train" / "wandb").glob("offline-run-*")}
