@@ -108,8 +108,10 @@ def run_on_pool(
             for row in dataset.iter_rows():
                 if row["error"]:
                     log.warning("%s: shard %s failed: %s", label, row["shard"], row["error"])
+                    progress.failed(label)
                 samples += int(row["samples_out"])
-                progress.advance(label, samples / max(time.monotonic() - started, 1e-6))
+                record = None if row["error"] else ledger.record(row["shard"])
+                progress.advance(label, samples / max(time.monotonic() - started, 1e-6), record)
         except Exception as err:  # noqa: BLE001 - e.g. actors that cannot load their models
             raise StageFailed(f"stage '{label}': {first_line(err)}") from None
     failures = ledger.failures()

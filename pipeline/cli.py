@@ -1,7 +1,8 @@
 """`dalle`: the command line.
 
     dalle run RECIPE [key=value ...] [--force STAGE] [--until STAGE] [--address ADDR]
-    dalle status RECIPE [key=value ...] [--json]
+    dalle status RECIPE [key=value ...] [--json | --watch]
+    dalle dashboard RECIPE [key=value ...] [--port 8266] [--address RAY_DASHBOARD_URL]
     dalle validate STAGE_DIR [--json]
     dalle export CKPT OUT [--weights ema|model]
     dalle plan RECIPE [key=value ...] --gpus N --gpu-mem GB [--gpus-per-node 8] [--json]
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from pipeline.cluster import ClusterError
 from pipeline.config import RecipeError, load_recipe
@@ -61,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("recipe")
     status.add_argument("overrides", nargs="*")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--watch", action="store_true", help="redraw the table every --interval seconds (Ctrl-C ends)")
+    status.add_argument("--interval", type=_positive_float, default=2.0, help="seconds between redraws (default 2)")
 
     validate = sub.add_parser("validate", help="check a stage's shards (ingest, filter, encode) against schemas/")
     validate.add_argument("path", help="a stage folder, e.g. runs/demo/encode")
@@ -99,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         sample.add_argument(f"--{name}", help=f"the {name} (default: the one in MODEL/models.json)")
     sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     sample.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+
+    dashboard = sub.add_parser("dashboard", help="serve a live web page of a run: stages, curves, samples, links")
+    dashboard.add_argument("recipe")
+    dashboard.add_argument("overrides", nargs="*")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8266, help="port (default 8266; 0 picks a free one)")
+    dashboard.add_argument("--address", help="the Ray dashboard to link to (default: RAY_ADDRESS when it is a URL)")
 
     report = sub.add_parser("report", help="write report.html under the recipe's output directory")
     report.add_argument("recipe")
@@ -154,9 +165,11 @@ def _when(ts: float | None) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def print_status(rows: list[dict]) -> None:
-    from rich.console import Console
+def status_table(rows: list[dict]):
+    """The stage table, with each failed shard's first error under it."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="stages")
     for col in (
@@ -183,10 +196,14 @@ def print_status(rows: list[dict]) -> None:
             str(r["failures"]),
             _when(r["last_update"]),
         )
-    Console(width=max(130, Console().width)).print(table)
-    for r in rows:
-        for example in r["failure_examples"]:
-            print(f"  {r['stage']} failed shard {example}")
+    failures = [Text(f"  {r['stage']} failed shard {e}") for r in rows for e in r["failure_examples"]]
+    return Group(table, *failures)
+
+
+def print_status(rows: list[dict]) -> None:
+    from rich.console import Console
+
+    Console(width=max(130, Console().width)).print(status_table(rows))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -216,11 +233,43 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from pipeline import workflow
 
-    rows = workflow.status(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(workflow.status(recipe), indent=2))
+    elif args.watch:
+        watch_status(recipe, args.interval)
     else:
-        print_status(rows)
+        print_status(workflow.status(recipe))
+    return 0
+
+
+def watch_status(recipe, interval: float) -> None:
+    """Redraws the stage table in place until Ctrl-C (prints it again each time when not on a terminal)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from pipeline import workflow
+
+    console = Console(width=max(130, Console().width))
+    try:
+        if not console.is_terminal:
+            while True:
+                console.print(status_table(workflow.status(recipe)))
+                time.sleep(interval)
+        with Live(status_table(workflow.status(recipe)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(status_table(workflow.status(recipe)), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from pipeline.dashboard import serve
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    serve(recipe, args.host, args.port, ray_dashboard=address if address and "://" in address else None)
     return 0
 
 
@@ -415,6 +464,7 @@ COMMANDS = {
     "plan": _plan,
     "sample": _sample,
     "report": _report,
+    "dashboard": _dashboard,
     "submit": _submit,
     "jobs": _jobs,
     "logs": _logs,

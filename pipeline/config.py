@@ -176,6 +176,10 @@ class Recipe(_Config):
     to the working directory."""
     ray: RayConfig = RayConfig()
     """Ray settings."""
+    wandb_project: str | None = None
+    """W&B project of the stages that do not train (ingest, filter, text-tokenizer, encode, sample):
+    one run per stage with throughput, counts, drop reasons and example images. Null: no W&B run
+    for them (their figures stay in the ledgers). Training stages set their own."""
     ingest: IngestConfig
     """Ingest stage."""
     filter: FilterConfig = FilterConfig()

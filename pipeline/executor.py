@@ -75,11 +75,12 @@ def run_tasks(
             except Exception as err:  # noqa: BLE001 - a user-facing summary of a remote failure
                 failed[task.shard] = first_line(err)
                 ledger.record_failure(task.shard, failed[task.shard])
+                progress.failed(label)
                 log.warning("%s: shard %s failed: %s", label, task.shard, failed[task.shard])
                 continue
             done[task.shard] = record
             samples += record.samples_out
-            progress.advance(label, samples / max(time.monotonic() - started, 1e-6))
+            progress.advance(label, samples / max(time.monotonic() - started, 1e-6), record)
     progress.finish(label)
     if failed:
         shard, error = next(iter(sorted(failed.items())))

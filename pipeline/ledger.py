@@ -171,6 +171,11 @@ class Ledger:
             records[d["shard"]] = ShardRecord.from_dict(d)
         return records
 
+    def record(self, shard: str) -> ShardRecord | None:
+        """The committed record of `shard`, or None."""
+        d = storage.read_json_or_none(self.path("_ledger", f"{shard}.json"))
+        return None if d is None else ShardRecord.from_dict(d)
+
     def commit(self, record: ShardRecord) -> None:
         """Writes the shard's record: from now on the shard is done."""
         d = asdict(record)

@@ -53,15 +53,34 @@ class Tracker:
         # W&B keeps its files on a local disk; under the stage folder when that is local
         wandb_dir = folder if storage.is_local(folder) else tempfile.mkdtemp(prefix="wandb-")
         storage.makedirs(wandb_dir)
-        self.run = wandb.init(
-            project=project or "dalle-pipeline",
-            id=run_id,
-            name=name,
-            group=group,
-            resume="allow",
-            dir=wandb_dir,
-            config=config,
-            settings=wandb.Settings(console="off", x_disable_stats=True),
+        try:
+            self.run = wandb.init(
+                project=project or "dalle-pipeline",
+                id=run_id,
+                name=name,
+                group=group,
+                resume="allow",
+                dir=wandb_dir,
+                config=config,
+                settings=wandb.Settings(console="off", x_disable_stats=True),
+            )
+        except wandb.errors.UsageError as err:  # e.g. no API key for an online project
+            from pipeline.stages.base import InputError
+
+            raise InputError(
+                f"W&B run {name} (project {project}): {str(err).splitlines()[0]} (or WANDB_MODE=offline)"
+            ) from None
+        # where the dashboard finds this run: its W&B page, or the folder `wandb sync` uploads
+        storage.write_json(
+            storage.join(folder, "tracking.json"),
+            {
+                "run_id": run_id,
+                "name": name,
+                "project": self.run.project,
+                "mode": "offline" if self.run.offline else "online",
+                "url": None if self.run.offline else self.run.url,
+                "dir": os.path.dirname(self.run.dir),
+            },
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -73,6 +92,12 @@ class Tracker:
         import wandb
 
         self.run.log({k: wandb.Image(v, caption=caption) for k, v in images.items()}, step=step)
+
+    def log_examples(self, name: str, images: list[tuple[np.ndarray, str]], step: int) -> None:
+        """`images`: (uint8 HxWx3, caption) pairs, logged as one captioned panel."""
+        import wandb
+
+        self.run.log({name: [wandb.Image(image, caption=caption) for image, caption in images]}, step=step)
 
     def flush(self) -> None:
         """Appends the buffered metrics to `metrics.jsonl` (called at each checkpoint)."""

@@ -18,7 +18,9 @@ from pipeline import storage
 from pipeline.cluster import local_output_problem
 from pipeline.config import Recipe
 from pipeline.ledger import Fingerprint
+from pipeline.metrics import StageMetrics
 from pipeline.progress import StageProgress
+from pipeline.stage_runs import StageRuns
 from pipeline.stages.base import InputError, RunContext, Stage
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,9 @@ def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> 
     address = address or recipe.ray.address
     common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
     if not address:
+        # Ray 2.60 warns on every local start that it turned token authentication on; it is on,
+        # and the warning is noise in every `dalle run`
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
         return
     ray.init(address=address, **common)
@@ -134,11 +139,19 @@ def run(
             storage.remove_tree(stage.url)
     init_ray(recipe, address, worker_logs)
     results: dict[str, dict[str, Any]] = {}
-    with StageProgress(enabled=show_progress) as progress:
+    runs = StageRuns(
+        recipe.name,
+        {
+            s.name: (s.url, s.wandb_project, s.cfg.model_dump(mode="json"))
+            for s in stages
+            if s.wandb_project and not s.tracks_itself
+        },
+    )
+    with StageProgress(enabled=show_progress, metrics=StageMetrics(recipe.name), runs=runs) as progress:
         for stage in stages:
             if stage.is_done():
                 results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
-                progress.start(stage.name, total=1, done=1)
+                progress.start(stage.name, total=1, done=1, track=False)
                 continue
             stage.ledger.claim(fps[stage.name], stage.name)
             stage.ledger.clear_tmp()

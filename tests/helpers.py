@@ -23,7 +23,8 @@ from pipeline.data.shards import iter_samples
 from pipeline.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+# no test may reach wandb.ai: runs with a W&B project log offline
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
 
 
 def free_port() -> int:
@@ -81,17 +82,22 @@ def kill_run_when(args: list[str], ready, timeout: float = 240) -> None:
                 pytest.fail("the kill point was never reached")
             time.sleep(0.01)
     finally:
-        for _ in range(20):
-            pids = _session_pids(proc.pid)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        proc.wait()
+        kill_session(proc)
+
+
+def kill_session(proc: subprocess.Popen, rounds: int = 20) -> None:
+    """SIGKILLs every process of `proc`'s session (Ray's daemons and workers included), then reaps it."""
+    for _ in range(rounds):
+        pids = _session_pids(proc.pid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    proc.wait()
 
 
 def committed(stage_dir: Path) -> list[str]:

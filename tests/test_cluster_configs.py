@@ -224,6 +224,14 @@ def check_node_types(cfg: dict, provider: str) -> None:
                 assert scheduling.get("onHostMaintenance") == "TERMINATE", f"{name}: GPU VMs cannot live-migrate"
 
 
+def check_token_auth(cfg: dict) -> None:
+    """Every node starts Ray with token auth, and has the token `ray up`'s machine holds."""
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", "the token is not synced to the nodes"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start.split("ray start")[0], f"{key}: ray start without RAY_AUTH_MODE=token"
+
+
 def check_head(cfg: dict) -> None:
     head = cfg["available_node_types"][cfg["head_node_type"]]
     assert head["resources"].get("CPU") == 0, "the head must advertise CPU 0 so no task lands on it"
@@ -395,6 +403,9 @@ def check_raycluster(doc: dict, recipe) -> None:
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secrets, (
             f"{name}: storage credentials not from a Secret"
         )
+        assert "RAY_AUTH_TOKEN" in secrets, f"{name}: no cluster token from a Secret"
+        mode = {e["name"]: e.get("value") for e in container.get("env", [])}.get("RAY_AUTH_MODE")
+        assert mode == "token", f"{name}: RAY_AUTH_MODE is {mode!r}, not token"
         if uses_generated_start:
             check_pins(container["args"], extra=("s3fs", "gcsfs"))
     assert gpu_groups, "no worker group has an nvidia.com/gpu limit"
@@ -429,6 +440,7 @@ def test_launcher_config_passes_ray_validation_and_ours(provider, recipe):
     assert cfg["head_setup_commands"] == raw["setup_commands"] + raw["head_setup_commands"]
     check_node_types(cfg, provider)
     check_head(cfg)
+    check_token_auth(cfg)
     # Only on GCP does the autoscaler prefer gpu_encode for 1-GPU actors (see the next test).
     check_routing(cfg, recipe, separate_encode_group=provider == "gcp")
     check_pins(raw["setup_commands"], extra=(PROVIDERS[provider]["fs"],))
@@ -556,6 +568,19 @@ def test_head_check_fails_when_the_head_takes_tasks(aws):
         check_head(prepared(aws))
 
 
+def test_token_check_fails_without_the_auth_mode_or_the_token(aws):
+    cfg = prepared(aws)
+    cfg["worker_start_ray_commands"] = [
+        c.replace("export RAY_AUTH_MODE=token; ", "") for c in aws["worker_start_ray_commands"]
+    ]
+    with pytest.raises(AssertionError, match="worker_start_ray_commands: ray start without RAY_AUTH_MODE=token"):
+        check_token_auth(cfg)
+    cfg = prepared(aws)
+    cfg["file_mounts"] = {}
+    with pytest.raises(AssertionError, match="not synced"):
+        check_token_auth(cfg)
+
+
 def test_capacity_check_fails_with_too_few_training_nodes(gcp, recipe):
     gcp["available_node_types"]["gpu_train"]["max_workers"] = 7
     with pytest.raises(AssertionError, match="at most 56 transformer workers, the recipe has 64"):
@@ -630,6 +655,7 @@ def kuberay_gpu_group(doc: dict) -> dict:
         (lambda d: d["metadata"].pop("annotations"), "overwrite annotation"),
         (lambda d: d["spec"].update(rayVersion="2.59.0"), "rayVersion 2.59.0"),
         (lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].pop("dashboard-host"), "Jobs API"),
+        (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].pop(0), "RAY_AUTH_MODE"),
         (
             lambda d: [
                 r.pop("nvidia.com/gpu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,10 +28,10 @@ from helpers import (
     ENV,
     ROOT,
     TINY,
-    _session_pids,
     compare_keys,
     copy_stages,
     free_port,
+    kill_session,
     merge_dicts,
     small_recipe,
     train_sample_keys,
@@ -59,6 +60,7 @@ class RayHead:
         # jobs run `python -m pipeline.cli`: the cluster's `python` must be this interpreter
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         self.env = {**ENV, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
+        self.env["RAY_metrics_report_interval_ms"] = "500"  # metrics reach the endpoint within the test
         self.procs: list[subprocess.Popen] = []
         # Ray's unix sockets live under its temp dir, and their paths may not exceed 107 bytes
         self.ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -91,6 +93,11 @@ class RayHead:
             time.sleep(0.5)
         raise RuntimeError(f"the Ray head did not come up; see {self.tmp}/ray-start-0.log")
 
+    def metrics(self) -> str:
+        """The head's Prometheus endpoint (the Ray metrics of every process on the node)."""
+        port_file = next((Path(self.ray_tmp) / "session_latest").glob("metrics_export_port_*"))
+        return requests.get(f"http://127.0.0.1:{port_file.read_text().strip()}/metrics", timeout=10).text
+
     def add_worker_node(self) -> None:
         self._ray_start(
             f"--address=127.0.0.1:{self.gcs_port}",
@@ -106,17 +113,7 @@ class RayHead:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-            for _ in range(50):  # whatever the node left behind, by its session
-                pids = _session_pids(proc.pid)
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                time.sleep(0.1)
-            proc.wait()
+            kill_session(proc, rounds=50)  # whatever the node left behind
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
@@ -188,9 +185,17 @@ def test_a_job_stopped_in_the_middle_of_training_resumes_when_resubmitted(head, 
     while train_step(progress) < 12:
         assert time.monotonic() < deadline, "training never reached step 12"
         time.sleep(0.05)
+    metrics = head.metrics()
     stop = dalle(head, "stop", job_id, "--address", head.address)
     assert stop.returncode == 0 and f"job {job_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     assert train_step(progress) < STEPS and not (out / "train" / "_done.json").exists(), "the stop came too late"
+    # the driver's named metrics, as Prometheus scrapes them from the node
+    train = re.search(r'^ray_dalle_stage_shards_done\{[^}]*stage="train"[^}]*\} ([0-9.]+)$', metrics, re.M)
+    assert train and 0 < float(train.group(1)) <= STEPS, metrics[-2000:]
+    encode = re.search(
+        r'^ray_dalle_stage_shards_total\{[^}]*recipe="demo"[^}]*stage="encode"[^}]*\} ([0-9.]+)$', metrics, re.M
+    )
+    assert encode and float(encode.group(1)) == 1  # a stage already complete counts as one unit
 
     again = dalle(head, "submit", str(path), "--address", head.address, "--follow", timeout=900)
     job2 = submitted_id(again)

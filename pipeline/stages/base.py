@@ -39,6 +39,8 @@ class Stage:
     """Recipe section (`text_tokenizer`)."""
     upstream: ClassVar[tuple[str, ...]] = ()
     """Stages whose output this one reads."""
+    tracks_itself: ClassVar[bool] = False
+    """Its own code logs to W&B (training, evaluation); else the driver logs its shards."""
 
     def __init__(self, recipe: Recipe, output_dir: str):
         self.recipe = recipe
@@ -46,6 +48,11 @@ class Stage:
         self.output_dir = output_dir
         self.url = storage.join(output_dir, self.name)
         self.ledger = Ledger(self.url)
+
+    @property
+    def wandb_project(self) -> str | None:
+        """W&B project of the driver-logged run of this stage; None: no run."""
+        return self.recipe.wandb_project
 
     def upstream_url(self, name: str) -> str:
         return storage.join(self.output_dir, name)

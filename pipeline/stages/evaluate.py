@@ -95,6 +95,7 @@ def flat(metrics: dict[str, Any]) -> dict[str, float]:
 class EvaluateStage(GenerationStage):
     name = "evaluate"
     config_key = "evaluate"
+    tracks_itself = True
     shard_fn = "pipeline.stages.evaluate:evaluate_shard"
 
     def prompts(self) -> list[Prompt]:

@@ -15,6 +15,7 @@ SHARD = "model"
 
 
 class ModelStage(Stage):
+    tracks_itself = True
     """Subclasses implement `build` (weights into the attempt folder) and `score`."""
 
     task: str

@@ -37,6 +37,11 @@ def sample_shard(gen: ImageGenerator, payload: dict[str, Any]) -> ShardRecord:
 class SampleStage(GenerationStage):
     name = "sample"
     config_key = "sample"
+
+    @property
+    def wandb_project(self) -> str | None:
+        return self.cfg.wandb_project or self.recipe.wandb_project
+
     shard_fn = "pipeline.stages.sample:sample_shard"
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
