@@ -11,7 +11,6 @@ import sys
 import pytest
 from helpers import ENV, ROOT, dalle, free_port, small_recipe
 
-from pipeline import storage
 from pipeline.ledger import Ledger
 from pipeline.stage_runs import examples
 from pipeline.tracking import read_metrics
@@ -86,7 +85,7 @@ def test_an_online_project_without_an_api_key_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dalle: error: W&B run demo-ingest (project dalle-test):"), lines
 
 
-def test_a_resumed_stage_continues_its_run_and_no_run_without_a_project(tracked, tmp_path):
+def test_a_resumed_stage_continues_its_run_and_no_run_without_a_project(tracked, run):
     out, recipe = tracked
     run_id = json.loads((out / "filter" / "tracking.json").read_text())["run_id"]
     # as if the run had died before committing filter's last shard
@@ -99,8 +98,6 @@ def test_a_resumed_stage_continues_its_run_and_no_run_without_a_project(tracked,
     runs = list((out / "filter" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and {r.name.rsplit("-", 1)[-1] for r in runs} == {run_id}
 
-    other = small_recipe(tmp_path / "recipe.yaml", tmp_path / "out", port=free_port())
-    result = dalle("run", str(other), "--until", "filter", "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not storage.exists(str(tmp_path / "out" / "ingest" / "tracking.json"))
-    assert not (tmp_path / "out" / "filter" / "wandb").exists()
+    # the shared run of the other tests sets no project: no driver-logged runs there
+    plain, _ = run
+    assert not any((plain / stage / "tracking.json").exists() for stage in STAGES)
