@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+from pipeline import storage
 from pipeline.cluster import ClusterError
 from pipeline.config import RecipeError, load_recipe
 from pipeline.ledger import FingerprintMismatch
@@ -226,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
             f"({drops}) in {stats.get('seconds', 0):.1f} s"
         )
     if args.until is None:
-        print(f"report: {os.path.join(recipe.output_dir, 'report.html')}")
+        print(f"report: {storage.join(recipe.output_dir, 'report.html')}")
     return 0
 
 

@@ -40,7 +40,7 @@ def export(path: str, out: str, weights: Weights = "ema") -> dict[str, Any]:
     spec = storage.read_json(storage.join(url, checkpoint.TASK))
     state = storage.read_json(storage.join(url, checkpoint.STATE))
     try:
-        with checkpoint.local_folder(url) as folder:
+        with storage.local_copy(url) as folder:
             weights_state, used = checkpoint_state(folder, weights)
     except WeightsError as err:
         raise InputError(str(err)) from None

@@ -6,18 +6,25 @@ single PUT is atomic (an object is either absent or whole). `write_atomic` uses 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of `url` and the path inside it."""
-    return fsspec.core.url_to_fs(url)
+    """The filesystem of `url` and the path inside it.
+
+    Object-store listings are never cached: Ray workers commit into the folders the driver
+    reads, and a listing cached before their commit would hide it (s3fs answers `exists`,
+    `info` and `open` from a cached listing of the parent folder)."""
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
 def is_local(url: str) -> bool:
@@ -106,6 +113,60 @@ def list_names(url: str, suffix: str = "") -> list[str]:
         return []
     names = (posixpath.basename(e.rstrip("/")) for e in entries)
     return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
+
+
+def upload_folder(local: str, url: str) -> None:
+    """Copies every file under the local folder `local` to `url`, keeping relative paths."""
+    fs, root = get_fs(url)
+    sources, targets = [], []
+    for folder, _, names in os.walk(local):
+        for path in (os.path.join(folder, name) for name in names):
+            if os.path.isfile(path):  # not sockets or dangling links
+                sources.append(path)
+                targets.append(posixpath.join(root, os.path.relpath(path, local).replace(os.sep, "/")))
+    for parent in sorted({posixpath.dirname(t) for t in targets}):
+        fs.makedirs(parent, exist_ok=True)
+    if sources:
+        fs.put(sources, targets)
+
+
+def download_folder(url: str, local: str) -> None:
+    """Copies every file under `url` into the local folder `local`, keeping relative paths."""
+    fs, root = get_fs(url)
+    root = root.rstrip("/")
+    # keys ending in "/" are folder markers (pyarrow's S3 filesystem, so Ray Train, writes them)
+    sources = [p for p in fs.find(root) if not p.endswith("/")]
+    targets = [os.path.join(local, *posixpath.relpath(p, root).split("/")) for p in sources]
+    for parent in {os.path.dirname(t) for t in targets}:
+        os.makedirs(parent, exist_ok=True)
+    if sources:
+        fs.get(sources, targets)
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local folder holding the files under `url`, for libraries that read only local disk:
+    the folder itself when it is local, else a temporary download (removed on exit)."""
+    if is_local(url):
+        yield get_fs(url)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="download-") as tmp:
+        download_folder(url, tmp)
+        yield tmp
+
+
+@contextlib.contextmanager
+def local_staging(url: str) -> Iterator[str]:
+    """A local folder whose files end up under `url`, for libraries that write only local disk:
+    the folder itself when it is local, else a temporary one uploaded when the block succeeds."""
+    if is_local(url):
+        path = get_fs(url)[1]
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
+        yield tmp
+        upload_folder(tmp, url)
 
 
 def remove_tree(url: str) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import string
 import tempfile
 import time
@@ -50,8 +51,10 @@ class Tracker:
         if project is None:
             os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        # W&B keeps its files on a local disk; under the stage folder when that is local
-        wandb_dir = folder if storage.is_local(folder) else tempfile.mkdtemp(prefix="wandb-")
+        # W&B keeps its files on a local disk: under the stage folder when that is local, else in
+        # a temporary folder copied to `<folder>/wandb/` at each flush (for `wandb sync` later)
+        self._staging = None if storage.is_local(folder) else tempfile.mkdtemp(prefix="wandb-")
+        wandb_dir = self._staging or folder
         storage.makedirs(wandb_dir)
         try:
             self.run = wandb.init(
@@ -79,7 +82,7 @@ class Tracker:
                 "project": self.run.project,
                 "mode": "offline" if self.run.offline else "online",
                 "url": None if self.run.offline else self.run.url,
-                "dir": os.path.dirname(self.run.dir),
+                "dir": self._synced_dir(),
             },
         )
 
@@ -101,11 +104,24 @@ class Tracker:
 
     def flush(self) -> None:
         """Appends the buffered metrics to `metrics.jsonl` (called at each checkpoint)."""
+        self._upload_wandb()
         if not self._lines:
             return
         old = storage.read_bytes(self.metrics_url).decode() if storage.exists(self.metrics_url) else ""
         storage.write_atomic(self.metrics_url, (old + "\n".join(self._lines) + "\n").encode())
         self._lines = []
+
+    def _synced_dir(self) -> str:
+        """The run's W&B folder that `wandb sync` takes (where it ends up under the stage folder)."""
+        run_dir = os.path.dirname(self.run.dir)
+        if self._staging is None:
+            return run_dir
+        return storage.join(self.folder, "wandb", os.path.basename(run_dir))
+
+    def _upload_wandb(self) -> None:
+        """Copies W&B's files to the stage folder when they are kept in a temporary folder."""
+        if self._staging is not None:
+            storage.upload_folder(os.path.join(self._staging, "wandb"), storage.join(self.folder, "wandb"))
 
     def truncate(self, step: int) -> None:
         """Drops metric lines past `step` (logged after the checkpoint a resumed run starts from)."""
@@ -119,6 +135,9 @@ class Tracker:
     def finish(self) -> None:
         self.flush()
         self.run.finish()
+        if self._staging is not None:
+            self._upload_wandb()  # the files W&B completed at finish
+            shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def read_metrics(url: str) -> list[dict[str, Any]]:

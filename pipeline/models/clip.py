@@ -12,8 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import posixpath
-import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -142,16 +140,8 @@ class Clip:
 
     def save(self, url: str) -> None:
         """Writes a HF folder (safetensors, tokenizer, preprocessor config) that `load_clip` and HF can read."""
-        if storage.is_local(url):
-            self._save_local(storage.get_fs(url)[1])
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            self._save_local(tmp)
-            fs, root = storage.get_fs(url)
-            for folder, _, names in os.walk(tmp):
-                for name in names:
-                    local = os.path.join(folder, name)
-                    fs.put_file(local, posixpath.join(root, os.path.relpath(local, tmp).replace(os.sep, "/")))
+        with storage.local_staging(url) as folder:
+            self._save_local(folder)
 
     def _save_local(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
@@ -194,17 +184,10 @@ def _quiet_transformers() -> Iterator[None]:
 
 def load_clip(path: str) -> Clip:
     """Loads a CLIP from a HF-format folder (OpenAI's, LAION's, or one `Clip.save` wrote); fsspec URLs too."""
-    if storage.is_local(path):
-        return _load_local(storage.get_fs(path)[1], path)
-    fs, root = storage.get_fs(path)
-    if not fs.isdir(root):
+    if not storage.is_local(path) and not storage.exists(path):
         raise ValueError(f"CLIP weights {path}: no such folder")
-    with tempfile.TemporaryDirectory() as tmp:
-        for remote in fs.find(root):
-            local = os.path.join(tmp, posixpath.relpath(remote, root))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get_file(remote, local)
-        return _load_local(tmp, path)
+    with storage.local_copy(path) as folder:
+        return _load_local(folder, path)
 
 
 def _load_local(folder: str, shown: str) -> Clip:

@@ -76,7 +76,9 @@ class EncodeStage(Stage):
     def embed_dim(self) -> int:
         from transformers import CLIPConfig
 
-        return CLIPConfig.from_pretrained(clip_path(self.recipe, self.output_dir)).projection_dim
+        # read through fsspec: `from_pretrained` takes local folders and Hub ids, not s3:// URLs
+        config = storage.read_json(storage.join(clip_path(self.recipe, self.output_dir), "config.json"))
+        return CLIPConfig.from_dict(config).projection_dim
 
     def encode(self, ctx: RunContext, todo: list, dvae_url: str, tokenizer: str, text_len: int) -> None:
         shape = pool_shape(self.cfg.actors, self.cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)

@@ -18,13 +18,11 @@ one is skipped, with a warning, for the newest complete one before it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -152,7 +150,7 @@ def load(engine, ema, world: int, run_url: str) -> dict[str, Any] | None:
     registered = ray.train.get_checkpoint()
     if registered is None or os.path.basename(registered.path.rstrip("/")) != os.path.basename(url):
         log.info("resuming from %s (Ray Train handed back %s)", url, registered.path if registered else "none")
-    with local_folder(url) as folder:
+    with storage.local_copy(url) as folder:  # DeepSpeed reads local files only
         with open(os.path.join(folder, STATE)) as f:
             state = json.load(f)
         if state["world"] != world:
@@ -167,15 +165,3 @@ def load(engine, ema, world: int, run_url: str) -> dict[str, Any] | None:
             path = os.path.join(folder, "ema", f"rank_{ema.rank:05d}.pt")
             ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return state
-
-
-@contextlib.contextmanager
-def local_folder(url: str) -> Iterator[str]:
-    """A local folder holding the checkpoint at `url` (a download when it is remote)."""
-    if storage.is_local(url):
-        yield storage.get_fs(url)[1]
-        return
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        fs, path = storage.get_fs(url)
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        yield tmp
