@@ -4,13 +4,16 @@ real URL list (tsv with LAION-style column names) through ingest and filter."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import dalle
+from helpers import ENV, ROOT, dalle
 
 from pipeline.config import SyntheticConfig
 from pipeline.data.server import LoopbackServer, dead_url
@@ -139,3 +142,19 @@ def test_plan_for_the_12b_recipe_on_64_and_512_gpus():
 def test_plan_refuses_an_impossible_cluster_with_one_line(args, fragment):
     result = dalle("plan", "jobs/laion-250m-12b.yaml", *args)
     assert result.returncode == 2 and fragment in result.stderr
+
+
+def test_status_watch_redraws_until_interrupted(tmp_path):
+    recipe = recipe_for(tmp_path, [tmp_path / "none.tsv"])
+    cmd = [sys.executable, "-m", "pipeline.cli", "status", str(recipe), "--watch", "--interval", "0.2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tables = 0
+    try:
+        for line in proc.stdout:  # not on a terminal: the table again at each redraw
+            tables += "ingest" in line
+            if tables == 3:
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert tables == 3 and proc.returncode == 0 and err == "", err
