@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/encode.py
 	$(PY) benchmarks/train.py demo
 	$(PY) benchmarks/sample.py demo
+	$(PY) benchmarks/storage.py
 
 clean:
 	rm -rf runs .pytest_cache
