@@ -626,7 +626,7 @@ def test_omitted_command_list_is_filled_from_rays_defaults(gcp):
         ('"img2dataset==1.47.0"', '"img2dataset==1.46.0"', "img2dataset: ==1.46.0 vs ==1.47.0"),
         ('"ray[default,data,train]==2.60.0"', '"ray[default]==2.60.0"', "ray: extras"),
         ('"numpy>=1.26"', "numpy>=1.26", "numpy: "),  # unquoted: the shell reads > as a redirection
-        ("s3fs", "", "s3fs is not installed"),
+        ('"s3fs>=2024.1"', "", "s3fs is not installed"),
     ],
 )
 def test_pin_check_fails(aws, old, new, message):
