@@ -28,6 +28,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -252,6 +253,7 @@ def watch_status(recipe, interval: float) -> None:
     from pipeline import workflow
 
     console = Console(width=max(130, Console().width))
+    interruptible()
     try:
         if not console.is_terminal:
             while True:
@@ -270,6 +272,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     address = args.address or os.environ.get("RAY_ADDRESS")
+    interruptible()
     serve(recipe, args.host, args.port, ray_dashboard=address if address and "://" in address else None)
     return 0
 
@@ -360,6 +363,17 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
             raise InputError(f"--env {item!r}: expected KEY=VALUE")
         pairs[key] = value
     return pairs
+
+
+def interruptible() -> None:
+    """Ctrl-C and SIGTERM both end a long-running command quietly (KeyboardInterrupt), even when
+    it was started in the background with SIGINT ignored."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _job_exit(job_id: str, state: str) -> int:

@@ -264,7 +264,7 @@ def make_server(recipe: Recipe, host: str, port: int, ray_dashboard: str | None 
 
 
 def serve(recipe: Recipe, host: str = "127.0.0.1", port: int = 8266, ray_dashboard: str | None = None) -> None:
-    """Prints `dashboard: http://HOST:PORT/` and serves until Ctrl-C."""
+    """Prints `dashboard: http://HOST:PORT/` and serves until Ctrl-C (KeyboardInterrupt)."""
     server = make_server(recipe, host, port, ray_dashboard)
     print(f"dashboard: http://{host}:{server.server_address[1]}/", flush=True)
     try:

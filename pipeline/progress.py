@@ -46,6 +46,8 @@ class StageProgress:
         self._progress.stop()
         if self.runs:
             self.runs.close()
+        if self.metrics:
+            self.metrics.close()
 
     def start(self, label: str, total: int, done: int = 0, unit: str = "shards", track: bool = True) -> None:
         """A stage's bar (again, for a stage in phases); `track=False` for a stage already complete."""

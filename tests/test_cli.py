@@ -155,6 +155,6 @@ def test_status_watch_redraws_until_interrupted(tmp_path):
             if tables == 3:
                 break
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C (SIGINT is ignored when a shell runs the tests in the background)
         _, err = proc.communicate(timeout=60)
     assert tables == 3 and proc.returncode == 0 and err == "", err

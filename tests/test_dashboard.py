@@ -254,7 +254,7 @@ def test_dashboard_in_headless_chromium_during_and_after_a_run(run, tmp_path):
         assert all(_shown(during, half) for half in halves) and not _shown(during, grid)
         assert _shown(after, grid) and not any(_shown(after, half) for half in halves)
 
-        dash.send_signal(signal.SIGINT)  # Ctrl-C: a quiet exit
+        dash.send_signal(signal.SIGTERM)  # as Ctrl-C: a quiet exit
         assert dash.wait(timeout=30) == 0
         assert (tmp_path / "dashboard.err").read_text() == ""
     finally:
