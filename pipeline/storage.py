@@ -79,9 +79,11 @@ def move(src: str, dst: str) -> None:
 
 
 def read_bytes(url: str) -> bytes:
+    """The whole file, in one request on object stores: a file opened for reading is fetched in
+    ranges pinned to its ETag, which fails when a writer replaces the object meanwhile (progress
+    files and metrics are replaced while the driver and `dalle status` read them)."""
     fs, path = get_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return fs.cat_file(path)
 
 
 def dumps(obj: Any) -> bytes:
