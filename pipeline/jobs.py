@@ -143,10 +143,6 @@ def _job_status(client, job_id: str) -> str:
         raise
 
 
-def status(address: str, job_id: str) -> str:
-    return _job_status(connect(address), job_id)
-
-
 def logs(address: str, job_id: str, follow: bool = False, out=sys.stdout) -> str:
     """Prints the job's logs (streaming them until it ends with `follow`); returns its status."""
     client = connect(address)

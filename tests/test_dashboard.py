@@ -11,7 +11,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import yaml
 from helpers import ENV, ROOT, _session_pids, kill_session, recipe_at, small_recipe, train_step
 from PIL import Image
 from test_report import _Page, _shown
+from test_report import _screenshot as screenshot
 
 from pipeline import dashboard, storage
 from pipeline.config import load_recipe
@@ -152,14 +152,7 @@ def test_page_of_a_real_run(run, tmp_path, monkeypatch):
 
 
 def _screenshot(url, png):
-    """Like test_report's `_screenshot`, of a URL rather than a file."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: `make test` installs Debian's chromium package")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1"]
-    flags += ["--force-color-profile=srgb", "--window-size=1280,1600", f"--screenshot={png}"]
-    subprocess.run([chromium, *flags, url], check=True, capture_output=True, timeout=120)
-    return np.asarray(Image.open(png).convert("RGB"))
+    return screenshot(url, png, height=1600)
 
 
 def _pixels(shot, colour) -> int:

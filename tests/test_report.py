@@ -134,14 +134,15 @@ def test_report_images_exist_and_accuracy_is_measured(full):
         assert row[-2:] == [f"{group['clip_score']:.3f}", f"{group['clip_score_kept']:.3f}"]
 
 
-def _screenshot(html_file, png):
+def _screenshot(page, png, height: int = 4000):
+    """Headless Chromium's screenshot of `page` (a URL, or an HTML file) at 1280 x `height`."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.fail("chromium is not installed: `make test` installs Debian's chromium package")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1"]
-    flags += ["--force-color-profile=srgb", "--window-size=1280,4000", f"--screenshot={png}"]
-    cmd = [chromium, *flags, f"file://{html_file}"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    flags += ["--force-color-profile=srgb", f"--window-size=1280,{height}", f"--screenshot={png}"]
+    url = str(page) if "://" in str(page) else f"file://{page}"
+    subprocess.run([chromium, *flags, url], check=True, capture_output=True, timeout=120)
     return np.asarray(Image.open(png).convert("RGB"))
 
 
