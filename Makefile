@@ -29,7 +29,7 @@ browser:
 	  || { echo "make: install Debian's chromium package (apt-get install chromium) for the report test"; exit 1; }
 
 test: install lint browser
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=25
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests benchmarks
