@@ -53,9 +53,12 @@ def run(output_dir: str, overrides: list[str], env: dict[str, str]) -> dict:
 
 
 def moto_bucket() -> tuple[str, dict[str, str], object]:
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
