@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from pydantic import BaseModel, ConfigDict
 
 
 class Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    execution_only: ClassVar[frozenset[str]] = frozenset()
+    """Fields that say how a stage runs (pool sizes, retries, tracking), not what it writes: they
+    are left out of its fingerprint, so a resubmission may change them and still resume."""
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The section as JSON without its `execution_only` fields, nested sections included."""
+        data = self.model_dump(mode="json")
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name in self.execution_only:
+                del data[name]
+            elif isinstance(value, Config):
+                data[name] = value.fingerprinted()
+        return data

@@ -13,6 +13,8 @@ from pipeline.config_base import Config
 class GenerationConfig(Config):
     """How candidates are drawn, reranked and where the models run (shared by sample and evaluate)."""
 
+    execution_only = frozenset({"actors", "wandb_project"})
+
     candidates: int = Field(512, ge=1, le=65536)
     """Images drawn per prompt (the paper: 512)."""
     top: int = Field(32, ge=1)

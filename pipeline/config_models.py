@@ -16,6 +16,8 @@ class TrainConfig(Config):
     """Trainer plumbing shared by every trained model: Ray Train workers, DeepSpeed, optimiser,
     schedule, EMA, checkpoints, tracking."""
 
+    execution_only = frozenset({"keep_checkpoints", "max_failures", "log_every", "wandb_project"})
+
     workers: int = Field(2, ge=1, le=4096)
     """Ray Train workers (one process each; one GPU each when `use_gpu`)."""
     use_gpu: bool | None = None
@@ -195,6 +197,8 @@ class ClipConfig(Config):
 
 class EncodeConfig(Config):
     """Encode every filtered shard: dVAE tokens, text tokens, CLIP embeddings and similarity."""
+
+    execution_only = frozenset({"actors", "max_task_retries"})
 
     batch_size: int = Field(256, ge=1)
     """Images per model call."""

@@ -171,7 +171,7 @@ def rayjob() -> dict:
 
 @pytest.fixture(scope="module")
 def recipe(rayjob):
-    """cc3m-1.3b as the clusters run it: with the RayJob's overrides (cluster/README.md uses the same)."""
+    """cc3m-1.3b as the clusters run it: with the RayJob's overrides, if any (cluster/README.md uses the same)."""
     path, overrides = rayjob_overrides(rayjob)
     assert path == RECIPE
     return load_recipe(path, overrides=overrides)
@@ -606,7 +606,7 @@ def test_routing_check_fails_when_encode_actors_start_training_nodes(gcp, recipe
 
 def test_routing_check_fails_without_a_sized_encode_pool(gcp, rayjob):
     path, overrides = rayjob_overrides(rayjob)
-    plain = load_recipe(path, overrides=[o for o in overrides if not o.startswith("encode.")])
+    plain = load_recipe(path, overrides=[*overrides, "encode.actors=null", "encode.gpus_per_actor=null"])
     with pytest.raises(AssertionError, match="size the encode pool"):
         check_routing(launcher_config(gcp), plain, separate_encode_group=True)
 

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from pipeline.config import Recipe, RecipeError, apply_overrides, build_recipe, load_recipe
 
 JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"))
+DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 BASE = {"name": "t", "output_dir": "/tmp/x", "ingest": {"url_lists": ["a.parquet"]}}
 
 
@@ -154,3 +155,30 @@ def test_generation_stages_are_optional():
     bad["ingest"] = {"synthetic": {}}
     with pytest.raises(RecipeError, match="the prompt set is empty"):
         build_recipe(bad, "r.yaml")
+
+
+def _digests(overrides: list[str]) -> dict[str, str]:
+    from pipeline.workflow import build_stages, fingerprints
+
+    return {name: fp.digest for name, fp in fingerprints(build_stages(load_recipe(DEMO, overrides))).items()}
+
+
+def test_pool_sizes_retries_and_tracking_are_not_part_of_any_fingerprint():
+    """A resubmission on a resized cluster (more actors, more retries, another W&B project) resumes;
+    a field that changes what a stage writes changes its fingerprint and its downstream stages'."""
+    plain = _digests([])
+    execution = [
+        "encode.actors=7",
+        "encode.max_task_retries=9",
+        "sample.actors=3",
+        "evaluate.wandb_project=elsewhere",
+        "dvae.train.max_failures=10",
+        "clip.train.keep_checkpoints=5",
+        "transformer.train.log_every=1",
+        "transformer.train.wandb_project=elsewhere",
+    ]
+    for override in execution:
+        assert _digests([override]) == plain, override
+    changed = _digests(["encode.batch_size=3"])
+    assert [name for name in plain if changed[name] != plain[name]] == ["encode", "train", "sample", "evaluate"]
+    assert _digests(["transformer.train.lr=1e-3"])["train"] != plain["train"]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from helpers import TINY, compare_stage, dalle, free_port, kill_run_when, recipe_at, run_until
+from helpers import TINY, compare_stage, dalle, free_port, kill_run_when, recipe_at
 
 from pipeline.config_models import DVAEConfig
 from pipeline.data.images import decode_rgb, to_tensor
@@ -145,7 +145,10 @@ def test_encode_resumes_after_sigkill_with_nothing_lost_or_duplicated(tmp_path, 
     partial = len(list(ledger.glob("*.json")))
     total = len(Ledger(str(out / "filter")).done())
     assert 1 <= partial < total
-    run_until(recipe, "encode")
+    # resumed on a pool of another size (one actor instead of one per CPU), as after a resize
+    result = dalle("run", str(recipe), "encode.actors=1", "--until", "encode", "--no-progress", "-v", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 1 actors" in result.stderr
     diff = compare_stage(out / "encode", run[0] / "encode")
     assert diff["samples"] > 0
     assert {k: diff[k] for k in ("missing", "extra", "duplicate", "different")} == dict.fromkeys(

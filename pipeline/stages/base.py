@@ -86,7 +86,7 @@ class Stage:
     def fingerprint(self, upstream: dict[str, str], inputs: dict[str, Any]) -> Fingerprint:
         return Fingerprint(
             stage=self.name,
-            config=self.cfg.model_dump(mode="json"),
+            config=self.cfg.fingerprinted(),
             inputs={"upstream": upstream, **inputs},
         )
 
