@@ -14,6 +14,13 @@ class Config(BaseModel):
     """Fields that say how a stage runs (pool sizes, retries, tracking), not what it writes: they
     are left out of its fingerprint, so a resubmission may change them and still resume."""
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        unknown = cls.execution_only - set(cls.model_fields)
+        if unknown:  # a misspelt name would silently stay in the fingerprint
+            raise TypeError(f"{cls.__name__}.execution_only names no field: {sorted(unknown)}")
+
     def fingerprinted(self) -> dict[str, Any]:
         """The section as JSON without its `execution_only` fields, nested sections included."""
         data = self.model_dump(mode="json")
