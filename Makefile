@@ -34,6 +34,8 @@ test: install lint browser
 lint: install
 	$(VENV)/bin/ruff check pipeline tests benchmarks
 	$(VENV)/bin/ruff format --check pipeline tests benchmarks
+	# the package's layers and no import cycles (contracts in pyproject.toml)
+	$(VENV)/bin/lint-imports --no-logo
 
 format: install
 	$(VENV)/bin/ruff check --fix pipeline tests benchmarks

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.analyzer import analyze, score
-from pipeline.data.captions import COLOURS, POSITIONS, SHAPES, SIZES
-from pipeline.data.synthetic import render
 from pipeline.models.dvae import load_dvae
+from pipeline.synthetic.analyzer import analyze, score
+from pipeline.synthetic.captions import COLOURS, POSITIONS, SHAPES, SIZES
+from pipeline.synthetic.dataset import render
 
 
 def accuracy(images: list[np.ndarray], objects: list[dict]) -> dict[str, float]:

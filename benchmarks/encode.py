@@ -20,22 +20,21 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import TextTokenizerConfig
-from pipeline.config_models import ClipConfig, DVAEConfig
-from pipeline.models.clip import build_clip
-from pipeline.models.dvae import DVAE
+from pipeline.config.models import ClipSection, DVAESection
+from pipeline.models.bpe import TextTokenizer, train_tokenizer
+from pipeline.models.clip import ClipConfig, build_clip
+from pipeline.models.dvae import DVAE, DVAEConfig
 from pipeline.stages.encode_shard import Encoders
-from pipeline.text_tokenizer import TextTokenizer, train_tokenizer
 
 PRESETS = {
     "demo": (
-        DVAEConfig(image_size=64, vocab_size=256, n_hid=32, n_blk_per_group=1, n_init=32),
-        ClipConfig(
+        DVAESection(image_size=64, vocab_size=256, n_hid=32, n_blk_per_group=1, n_init=32),
+        ClipSection(
             image_size=64, patch_size=16, vision_width=64, vision_layers=2, vision_heads=4,
             text_width=64, text_layers=2, text_heads=4, text_len=32, embed_dim=64,
         ),
     ),
-    "full": (DVAEConfig(), ClipConfig()),
+    "full": (DVAESection(), ClipSection()),
 }  # fmt: skip
 
 
@@ -68,11 +67,11 @@ def main() -> None:
     images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
     colours, shapes = rng.choice(["red", "green"], args.images), rng.choice(["cube", "star"], args.images)
     captions = [f"a {c} {s} to the left of a blue sphere" for c, s in zip(colours, shapes)]
-    tokenizer = train_tokenizer(captions * 4, TextTokenizerConfig(vocab_size=512, min_frequency=1))
+    tokenizer = train_tokenizer(captions * 4, vocab_size=512, min_frequency=1)
     words = TextTokenizer(tokenizer, 256)
     torch.manual_seed(0)
-    dvae = DVAE.from_config(dvae_cfg).to(device).eval()
-    clip = build_clip(clip_cfg, tokenizer).to(device).eval()
+    dvae = DVAE(dvae_cfg.build(DVAEConfig)).to(device).eval()
+    clip = build_clip(clip_cfg.build(ClipConfig), tokenizer).to(device).eval()
     models = Encoders(dvae, clip, words, device, dtype, args.batch)
 
     def dvae_only():

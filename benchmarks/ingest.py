@@ -34,9 +34,10 @@ def main() -> None:
     import img2dataset
 
     from pipeline import workflow
-    from pipeline.config import SyntheticConfig, build_recipe
-    from pipeline.data.server import LoopbackServer, dead_url
-    from pipeline.data.synthetic import generate, url_list_rows
+    from pipeline.config.data import SyntheticConfig
+    from pipeline.config.recipe import build_recipe
+    from pipeline.synthetic.dataset import generate, url_list_rows
+    from pipeline.synthetic.server import LoopbackServer, dead_url
 
     dataset = generate(SyntheticConfig(count=args.count, seed=1))
     work = tempfile.mkdtemp(prefix="bench-ingest-")

@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.config import TextTokenizerConfig
-from pipeline.config_models import ClipConfig, DVAEConfig
-from pipeline.data.captions import COLOURS, POSITIONS, SHAPES, SIZES, caption
-from pipeline.models.clip import build_clip
-from pipeline.models.dvae import DVAE
+from pipeline.config.models import ClipSection, DVAESection
+from pipeline.models.bpe import TextTokenizer, train_tokenizer
+from pipeline.models.clip import ClipConfig, build_clip
+from pipeline.models.dvae import DVAE, DVAEConfig
 from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.models.sampling import sample_image_tokens
 from pipeline.models.transformer import Dalle, param_count, preset
-from pipeline.text_tokenizer import TextTokenizer, train_tokenizer
+from pipeline.synthetic.captions import COLOURS, POSITIONS, SHAPES, SIZES, caption
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
 PROMPT = "a small orange diamond to the left of a large purple circle"
@@ -48,14 +47,12 @@ def models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | 
         for z in SIZES
         for p in POSITIONS
     ]
-    bpe = train_tokenizer(
-        [caption([o], None, rng) for o in scenes], TextTokenizerConfig(vocab_size=1024, text_len=text_len)
-    )
-    dvae_cfg = DVAEConfig(**{k: v for k, v in DEMO["dvae"].items() if k != "train"}) if demo else DVAEConfig()
+    bpe = train_tokenizer([caption([o], None, rng) for o in scenes], vocab_size=1024)
+    dvae_cfg = DVAESection(**{k: v for k, v in DEMO["dvae"].items() if k != "train"}) if demo else DVAESection()
     dvae_cfg = dvae_cfg.model_copy(update={"image_size": args.image_size or dvae_cfg.image_size})
-    clip_cfg = ClipConfig(**{k: v for k, v in DEMO["clip"].items() if k != "train"}) if demo else ClipConfig()
+    clip_cfg = ClipSection(**{k: v for k, v in DEMO["clip"].items() if k != "train"}) if demo else ClipSection()
     torch.manual_seed(0)
-    dvae = DVAE.from_config(dvae_cfg)
+    dvae = DVAE(dvae_cfg.build(DVAEConfig))
     cfg = preset(
         args.preset,
         text_len=text_len,
@@ -66,7 +63,7 @@ def models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | 
     dalle = Dalle(cfg).to(device).eval()
     if dtype is not None:
         dalle = dalle.to(dtype)
-    clip = build_clip(clip_cfg, bpe).to(device).eval()
+    clip = build_clip(clip_cfg.build(ClipConfig), bpe).to(device).eval()
     return ImageGenerator(dalle, dvae.to(device).eval(), clip, TextTokenizer(bpe, text_len), device, dtype)
 
 

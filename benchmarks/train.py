@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_recipe
+from pipeline.config.recipe import load_recipe
 from pipeline.models.transformer import Dalle, flops_per_token, param_count, preset
 from pipeline.train.throughput import peak_flops
 

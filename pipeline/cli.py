@@ -24,25 +24,17 @@ when it finds problems.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
 import signal
 import sys
-import time
 
-from pipeline import storage
-from pipeline.cluster import ClusterError
-from pipeline.config import RecipeError, load_recipe
-from pipeline.ledger import FingerprintMismatch
-from pipeline.schemas import SchemaError
-from pipeline.stages.base import InputError
-
-USER_ERRORS = (RecipeError, InputError, FingerprintMismatch, SchemaError, ClusterError)
+from pipeline.config.recipe import load_recipe
+from pipeline.errors import InputError, RunError, UserError
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     p = argparse.ArgumentParser(prog="dalle", description="DALL·E training pipeline on Ray")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -144,7 +136,19 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop a job; submitting its recipe again resumes it")
     stop.add_argument("job_id", metavar="ID")
     stop.add_argument("--address", help=address_help)
-    return p
+    return p, sub
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with each command's options and its `key=value` overrides in any order
+    (`dalle run R --until filter a=1` and `dalle run R a=1 --until filter` are the same)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, commands = _parser()
+    if argv and argv[0] in commands.choices:
+        args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # usage, --help and unknown commands
 
 
 def _positive_int(text: str) -> int:
@@ -161,51 +165,6 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
-
-
-def _when(ts: float | None) -> str:
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def status_table(rows: list[dict]):
-    """The stage table, with each failed shard's first error under it."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title="stages")
-    for col in (
-        "stage",
-        "state",
-        "shards",
-        "samples in",
-        "samples out",
-        "drops / failures by reason",
-        "failed",
-        "last update",
-    ):
-        table.add_column(col)
-    for r in rows:
-        total = "?" if r["shards_total"] is None else r["shards_total"]
-        reasons = "\n".join(f"{k} {v}" for k, v in r["counts"].items() if v) or "-"
-        table.add_row(
-            r["stage"],
-            r["state"],
-            r.get("training") or f"{r['shards_done']}/{total}",
-            str(r["samples_in"]),
-            str(r["samples_out"]),
-            reasons,
-            str(r["failures"]),
-            _when(r["last_update"]),
-        )
-    failures = [Text(f"  {r['stage']} failed shard {e}") for r in rows for e in r["failure_examples"]]
-    return Group(table, *failures)
-
-
-def print_status(rows: list[dict]) -> None:
-    from rich.console import Console
-
-    Console(width=max(130, Console().width)).print(status_table(rows))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -228,47 +187,29 @@ def _run(args: argparse.Namespace) -> int:
             f"({drops}) in {stats.get('seconds', 0):.1f} s"
         )
     if args.until is None:
-        print(f"report: {storage.join(recipe.output_dir, 'report.html')}")
+        from pipeline.views.report import write_report
+
+        print(f"report: {write_report(recipe)}")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     from pipeline import workflow
+    from pipeline.views.status import print_status, watch_status
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.json:
-        print(json.dumps(workflow.status(recipe), indent=2))
+        print(json.dumps([row.to_dict() for row in workflow.status(recipe)], indent=2))
     elif args.watch:
+        interruptible()
         watch_status(recipe, args.interval)
     else:
         print_status(workflow.status(recipe))
     return 0
 
 
-def watch_status(recipe, interval: float) -> None:
-    """Redraws the stage table in place until Ctrl-C (prints it again each time when not on a terminal)."""
-    from rich.console import Console
-    from rich.live import Live
-
-    from pipeline import workflow
-
-    console = Console(width=max(130, Console().width))
-    interruptible()
-    try:
-        if not console.is_terminal:
-            while True:
-                console.print(status_table(workflow.status(recipe)))
-                time.sleep(interval)
-        with Live(status_table(workflow.status(recipe)), console=console, auto_refresh=False) as live:
-            while True:
-                time.sleep(interval)
-                live.update(status_table(workflow.status(recipe)), refresh=True)
-    except KeyboardInterrupt:
-        pass
-
-
 def _dashboard(args: argparse.Namespace) -> int:
-    from pipeline.dashboard import serve
+    from pipeline.views.dashboard import serve
 
     recipe = load_recipe(args.recipe, args.overrides)
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -278,41 +219,22 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.validate import validate
+    from pipeline.commands.validate import validate
 
     report = validate(args.path)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "stage": report.stage,
-                    "shards": report.shards,
-                    "samples": report.samples,
-                    "problems": report.problems,
-                },
-                indent=2,
-            )
-        )
-    else:
-        for shard, problems in sorted(report.problems.items()):
-            for problem in problems:
-                print(f"{args.path}: shard {shard}: {problem}")
-        n = sum(len(p) for p in report.problems.values())
-        verdict = "ok" if report.ok else f"{n} problems in {len(report.problems)} shards"
-        print(f"{report.stage}: {report.shards} shards, {report.samples} samples: {verdict}")
+    print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines(args.path)))
     return 0 if report.ok else 1
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export import describe, export
+    from pipeline.commands.export import describe, export
 
     print(describe(export(args.checkpoint, args.out, args.weights)))
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from pipeline.plan import format_plan, plan
-    from pipeline.stages.train import plan_inputs
+    from pipeline.commands.plan import format_plan, plan, plan_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
     shape, request = plan_inputs(recipe, args.gpus, args.gpu_mem, args.gpus_per_node)
@@ -322,8 +244,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from pipeline.commands.sample import describe, sample
     from pipeline.models.generator import SamplingConfig
-    from pipeline.sample import describe, sample
 
     if args.top_p is not None and args.top_p > 1:
         raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -349,7 +271,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
+    from pipeline.views.report import write_report
 
     print(write_report(load_recipe(args.recipe, args.overrides)))
     return 0
@@ -382,8 +304,8 @@ def _job_exit(job_id: str, state: str) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline import jobs
-    from pipeline.cluster import dashboard_address
+    from pipeline.cluster import jobs
+    from pipeline.cluster.client import dashboard_address
     from pipeline.workflow import stage_name
 
     address = dashboard_address(args.address)
@@ -411,30 +333,21 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline import jobs
-    from pipeline.cluster import dashboard_address
+    from pipeline.cluster import jobs
+    from pipeline.cluster.client import dashboard_address
+    from pipeline.views.status import print_jobs
 
     rows = jobs.list_jobs(dashboard_address(args.address))
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    table = Table(title="jobs")
-    for col in ("id", "status", "recipe", "output_dir", "started", "ended", "message"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["id"], r["status"], r["recipe"], r["output_dir"], _when(r["start"]), _when(r["end"]), r["message"]
-        )
-    Console(width=max(130, Console().width)).print(table)
+    else:
+        print_jobs(rows)
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from pipeline import jobs
-    from pipeline.cluster import dashboard_address
+    from pipeline.cluster import jobs
+    from pipeline.cluster.client import dashboard_address
 
     address = dashboard_address(args.address)
     state = jobs.logs(address, args.job_id, follow=args.follow)
@@ -442,8 +355,8 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from pipeline import jobs
-    from pipeline.cluster import dashboard_address
+    from pipeline.cluster import jobs
+    from pipeline.cluster.client import dashboard_address
 
     state = jobs.stop(dashboard_address(args.address), args.job_id)
     print(f"job {args.job_id}: {state}")
@@ -451,21 +364,19 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pipeline.executor import StageFailed
-
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"dalle: error: {err}", file=sys.stderr)
-        return 2
-    except StageFailed as err:
+        return err.exit_code
+    except RunError as err:
         print(f"dalle: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except KeyboardInterrupt:
         print("dalle: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -12,16 +12,15 @@ import logging
 import time
 from typing import Any
 
-import ray
-
 from pipeline import storage
-from pipeline.cluster import local_output_problem
-from pipeline.config import Recipe
-from pipeline.ledger import Fingerprint
-from pipeline.metrics import StageMetrics
-from pipeline.progress import StageProgress
-from pipeline.stage_runs import StageRuns
-from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.cluster.driver import init_ray
+from pipeline.config.recipe import Recipe
+from pipeline.engine.ledger import Fingerprint
+from pipeline.errors import InputError
+from pipeline.observe.metrics import StageMetrics
+from pipeline.observe.progress import StageProgress
+from pipeline.observe.stage_runs import StageRuns
+from pipeline.stages.base import RunContext, Stage, StageStatus
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def fingerprints(stages: list[Stage]) -> dict[str, Fingerprint]:
     return fps
 
 
-def plan(recipe: Recipe, force: list[str] = (), until: str | None = None) -> tuple[list[Stage], dict, set[str]]:
+def prepare(recipe: Recipe, force: list[str] = (), until: str | None = None) -> tuple[list[Stage], dict, set[str]]:
     """The stages to run, their fingerprints and the set to clear; refuses mismatches."""
     stages = build_stages(recipe)
     # forcing clears downstream stages even past --until: their outputs would be stale
@@ -96,33 +95,6 @@ def plan(recipe: Recipe, force: list[str] = (), until: str | None = None) -> tup
     return stages, fps, forced
 
 
-# Environment of every Ray worker: img2dataset imports albumentations, whose import-time update
-# check would reach for the network.
-WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
-
-
-def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> None:
-    """Connects to `address` (or the recipe's), else starts a local Ray in this process.
-
-    Worker output is not echoed unless `worker_logs`: task failures reach the user as one line
-    each from the executor, and the full logs stay in Ray's session folder."""
-    if ray.is_initialized():
-        return
-    address = address or recipe.ray.address
-    common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
-    if not address:
-        # Ray 2.60 warns on every local start that it turned token authentication on; it is on,
-        # and the warning is noise in every `dalle run`
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
-        return
-    ray.init(address=address, **common)
-    problem = local_output_problem(recipe, sum(1 for n in ray.nodes() if n["Alive"]), address)
-    if problem:
-        ray.shutdown()
-        raise InputError(problem)
-
-
 def run(
     recipe: Recipe,
     force: list[str] = (),
@@ -132,7 +104,7 @@ def run(
     worker_logs: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Runs the recipe's stages (resuming from their ledgers); returns each stage's stats."""
-    stages, fps, forced = plan(recipe, force, until)
+    stages, fps, forced = prepare(recipe, force, until)
     for stage in build_stages(recipe):
         if stage.name in forced:
             log.info("clearing %s (forced)", stage.url)
@@ -160,13 +132,9 @@ def run(
             stage.write_done(stats, time.monotonic() - started)
             results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
             log.info("%s done in %.1f s: %s", stage.name, time.monotonic() - started, stats)
-    if until is None:
-        from pipeline.report import write_report
-
-        log.info("report: %s", write_report(recipe))
     return results
 
 
-def status(recipe: Recipe) -> list[dict[str, Any]]:
+def status(recipe: Recipe) -> list[StageStatus]:
     """Each stage's status, read from its folder (no Ray needed)."""
     return [stage.status() for stage in build_stages(recipe)]

@@ -20,7 +20,7 @@ import yaml
 
 from pipeline import storage
 from pipeline.data.shards import iter_samples
-from pipeline.ledger import Ledger
+from pipeline.engine.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 # no test may reach wandb.ai: runs with a W&B project log offline

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import synthetic
-from pipeline.data.analyzer import Found, analyze, relation, score
+from pipeline.synthetic import dataset as synthetic
+from pipeline.synthetic.analyzer import Found, analyze, relation, score
 
 _REPEATS = 2  # passes over the full colour x shape x size grid, each one- and two-object
 

@@ -4,6 +4,7 @@ real URL list (tsv with LAION-style column names) through ingest and filter."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import ENV, ROOT, dalle
+from helpers import ENV, ROOT, compare_stage, dalle, free_port, small_recipe
 
-from pipeline.config import SyntheticConfig
-from pipeline.data.server import LoopbackServer, dead_url
+from pipeline.cli import parse_args
+from pipeline.config.data import SyntheticConfig
 from pipeline.data.shards import iter_samples
-from pipeline.data.synthetic import generate, url_list_rows
+from pipeline.synthetic.dataset import generate, url_list_rows
+from pipeline.synthetic.server import LoopbackServer, dead_url
 
 
 def recipe_for(tmp_path, url_lists, **ingest):
@@ -88,6 +90,45 @@ def test_bad_override_and_unknown_stage(tmp_path):
     assert_user_error(dalle("run", str(path), "filter.shard_size=zero"), "field 'filter.shard_size'")
     assert_user_error(dalle("run", str(path), "--until", "encdoe"), "unknown stage 'encdoe'")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("run", ["--until", "filter", "--force", "ingest", "--no-progress"]),
+        ("submit", ["--until", "encode", "--address", "http://127.0.0.1:8265", "--env", "A=1"]),
+        ("status", ["--json"]),
+        ("report", []),
+        ("dashboard", ["--port", "0", "--host", "127.0.0.1"]),
+        ("plan", ["--gpus", "8", "--gpu-mem", "80"]),
+    ],
+)
+def test_options_and_overrides_in_any_order(command, options):
+    overrides = ["filter.shard_size=500", "output_dir=runs/x"]
+    first = parse_args([command, "jobs/demo.yaml", *options, *overrides])
+    last = parse_args([command, "jobs/demo.yaml", *overrides, *options])
+    mixed = parse_args([command, "jobs/demo.yaml", overrides[0], *options, overrides[1]])
+    assert vars(first) == vars(last) == vars(mixed)
+    assert first.recipe == "jobs/demo.yaml" and first.overrides == overrides
+
+
+@pytest.mark.slow
+def test_run_with_overrides_after_or_before_the_options_gives_the_same_output(tmp_path):
+    recipe = small_recipe(tmp_path / "r.yaml", tmp_path / "unused")
+    port = f"ingest.synthetic.port={free_port()}"  # the same URLs in both runs
+    after = dalle("run", str(recipe), "--until", "filter", "--no-progress", f"output_dir={tmp_path / 'a'}", port)
+    before = dalle("run", str(recipe), f"output_dir={tmp_path / 'b'}", port, "--until", "filter", "--no-progress")
+    assert after.returncode == 0 and before.returncode == 0, after.stderr[-2000:] + before.stderr[-2000:]
+
+    def counts(result):  # each stage's summary line without its seconds
+        return [re.sub(r" in [0-9.]+ s$", "", line) for line in result.stdout.splitlines()]
+
+    assert counts(after) == counts(before) and len(counts(after)) == 2
+    for stage in ("ingest", "filter"):
+        same = compare_stage(tmp_path / "b" / stage, tmp_path / "a" / stage)
+        assert same["samples"] > 0 and (same["missing"], same["extra"], same["different"]) == (0, 0, 0), same
+    for run in ("a", "b"):
+        assert not (tmp_path / run / "text-tokenizer").exists() and not (tmp_path / "unused").exists()
 
 
 @pytest.mark.slow

@@ -11,10 +11,8 @@ from PIL import Image
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import BertConfig, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from pipeline.config import TextTokenizerConfig
-from pipeline.config_models import ClipConfig
-from pipeline.models.clip import EOS, build_clip, load_clip
-from pipeline.text_tokenizer import train_tokenizer
+from pipeline.models.bpe import train_tokenizer
+from pipeline.models.clip import EOS, ClipConfig, build_clip, load_clip
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
 CAPTIONS = [
@@ -45,7 +43,7 @@ def random_images(sizes, seed=0):
 
 @pytest.fixture(scope="module")
 def bpe():
-    return train_tokenizer(CAPTIONS, TextTokenizerConfig(vocab_size=300, text_len=16))
+    return train_tokenizer(CAPTIONS, vocab_size=300)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cluster import ClusterError, check_recipe_fits, dashboard_address, find_token, gpu_demand
-from pipeline.config import build_recipe, load_recipe
-from pipeline.jobs import entrypoint, job_recipe, runtime_env
+from pipeline.cluster.client import check_recipe_fits, dashboard_address, find_token, gpu_demand
+from pipeline.cluster.jobs import entrypoint, job_recipe, runtime_env
+from pipeline.config.recipe import build_recipe, load_recipe
+from pipeline.errors import ClusterError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "demo.yaml"

@@ -34,7 +34,7 @@ from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
 from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
 from ray.core.generated.autoscaler_pb2 import GangResourceRequest, ResourceRequest, ResourceRequestByCount
 
-from pipeline.config import load_recipe
+from pipeline.config.recipe import load_recipe
 
 try:
     import tomllib

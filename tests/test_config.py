@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import Recipe, RecipeError, apply_overrides, build_recipe, load_recipe
+from pipeline.config.recipe import Recipe, apply_overrides, build_recipe, load_recipe
+from pipeline.errors import RecipeError
 
 JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"))
 DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
@@ -142,13 +143,13 @@ def test_generation_sections_are_checked(patch, expected):
 
 
 def test_generation_stages_are_optional():
-    from pipeline.stages.base import InputError
-    from pipeline.workflow import build_stages, plan
+    from pipeline.errors import InputError
+    from pipeline.workflow import build_stages, prepare
 
     recipe = build_recipe(BASE)
     assert [s.name for s in build_stages(recipe)][-1] == "train"
     with pytest.raises(InputError, match="stage 'sample' is not in this recipe"):
-        plan(recipe, until="sample")
+        prepare(recipe, until="sample")
     demo = load_recipe(Path("jobs/demo.yaml"))
     assert [s.name for s in build_stages(demo)][-2:] == ["sample", "evaluate"]
     bad = {**BASE, "evaluate": {"seen_one": 0, "heldout_one": 0, "seen_two": 0, "heldout_two": 0, "paraphrased": 0}}

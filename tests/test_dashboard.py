@@ -28,9 +28,10 @@ from PIL import Image
 from test_report import _Page, _shown
 from test_report import _screenshot as screenshot
 
-from pipeline import dashboard, storage
-from pipeline.config import load_recipe
-from pipeline.ledger import Ledger
+from pipeline import storage
+from pipeline.config.recipe import load_recipe
+from pipeline.engine.ledger import Ledger
+from pipeline.views import dashboard
 
 UPSTREAM = ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"]
 REFRESH = "<meta http-equiv='refresh' content='5'>"

@@ -11,17 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config_models import DVAEConfig
+from pipeline.config.models import DVAESection
 from pipeline.models.dvae import (
     DVAE,
+    DVAEConfig,
     kl_to_uniform,
     load_dvae,
-    load_openai_dvae,
     logit_laplace_nll,
     map_pixels,
     save_dvae,
     unmap_pixels,
 )
+from pipeline.models.dvae_openai import load_openai_dvae
 
 SMALL = dict(image_size=32, vocab_size=64, n_hid=16, n_blk_per_group=1, group_count=3, n_init=16)
 
@@ -58,7 +59,7 @@ def openai(tmp_path_factory):
 @pytest.fixture
 def small():
     torch.manual_seed(0)
-    return DVAE(**SMALL)
+    return DVAE(DVAEConfig(**SMALL))
 
 
 def _images(n: int = 4, side: int = 32, seed: int = 0) -> torch.Tensor:
@@ -68,7 +69,8 @@ def _images(n: int = 4, side: int = 32, seed: int = 0) -> torch.Tensor:
 def test_matches_dall_e_outputs(openai):
     enc, dec, enc_path, dec_path = openai
     model = load_openai_dvae(enc_path, dec_path)
-    assert model.config == dict(image_size=256, vocab_size=512, n_hid=64, n_blk_per_group=1, group_count=4, n_init=32)
+    released = DVAEConfig(image_size=256, vocab_size=512, n_hid=64, n_blk_per_group=1, group_count=4, n_init=32)
+    assert model.config == released
     x = map_pixels(_images(2, 64))
     tokens = torch.randint(0, 512, (2, 8, 8), generator=torch.Generator().manual_seed(3))
     one_hot = F.one_hot(tokens, 512).permute(0, 3, 1, 2).float()
@@ -162,13 +164,13 @@ def test_forward_shapes_determinism_and_gradients(small):
 
 
 def test_from_config_and_state_dict_names():
-    model = DVAE.from_config(DVAEConfig(**SMALL))
+    model = DVAE(DVAESection(**SMALL).build(DVAEConfig))
     assert (model.grid, model.vocab_size, model.image_size) == (8, 64, 32)
     keys = set(model.state_dict())
     assert {"encoder.blocks.input.weight", "encoder.blocks.group_1.block_1.res_path.conv_1.weight"} <= keys
     assert {"encoder.blocks.output.conv.bias", "decoder.blocks.group_1.block_1.id_path.weight"} <= keys
     with pytest.raises(ValueError, match="not divisible"):
-        DVAE(image_size=36, group_count=4)
+        DVAE(DVAEConfig(image_size=36, group_count=4))
 
 
 def test_decode_by_indexing_equals_one_hot_decoder(small):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data import analyzer
-from pipeline.data.captions import canonical
-from pipeline.data.prompts import GROUPS, Prompt, evaluation_prompts
-from pipeline.data.synthetic import render
 from pipeline.stages.evaluate import accuracy, check, flat
+from pipeline.synthetic import analyzer
+from pipeline.synthetic.captions import canonical
+from pipeline.synthetic.dataset import render
+from pipeline.synthetic.prompts import GROUPS, Prompt, evaluation_prompts
 
 HELD = (("cyan", "star"), ("green", "triangle"), ("white", "diamond"))
 COUNTS = dict(seen_one=30, heldout_one=12, seen_two=10, heldout_two=6, paraphrased=8)

@@ -1,28 +1,32 @@
-"""The executor on a real local Ray: failed shards are recorded and reported in one line, the
-others are committed, and a rerun retries only what is missing."""
+"""The executor on a real local Ray, as Ray tasks and on an actor pool alike: failed shards are
+recorded and reported in one line, the others are committed, and a rerun retries only what is
+missing."""
 
 from __future__ import annotations
 
 import pytest
 import ray
 
-from pipeline.executor import ShardTask, StageFailed, run_tasks
-from pipeline.ledger import Ledger, ShardRecord
-from pipeline.progress import StageProgress
+from pipeline.engine.executor import run_shards
+from pipeline.engine.ledger import Attempt, Ledger, ShardResult
+from pipeline.engine.tasks import Placement, ShardTask, ShardWorker
+from pipeline.errors import StageFailed
+from pipeline.observe.progress import StageProgress
 from pipeline.stages.ingest import classify_error
 
 
-def make_task(fail_on: set[str]):
-    def task(payload: dict) -> ShardRecord:
-        if payload["shard"] in fail_on:
-            raise ValueError(f"bad input in {payload['shard']}")
-        record = ShardRecord(
-            shard=payload["shard"], samples_in=3, samples_out=3, files=(), checksum="", fingerprint="f"
-        )
-        Ledger(payload["root"]).commit(record)
-        return record
+def make_worker(fail_on: set[str]) -> ShardWorker:
+    class Worker(ShardWorker):  # defined here, so Ray pickles it by value
+        def setup(self, placement: Placement) -> None:
+            self.loaded = placement
 
-    return task
+        def process(self, task: ShardTask, attempt: Attempt) -> ShardResult:
+            if task.shard in fail_on:
+                raise ValueError(f"bad input in {task.shard}\nsecond line")
+            attempt.write(f"{task.shard}.txt", f"{task.shard} made on {self.loaded.actors or 'a task'}".encode())
+            return ShardResult(samples_in=3, samples_out=3)
+
+    return Worker()
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +36,33 @@ def local_ray():
     ray.shutdown()
 
 
-def test_failures_are_recorded_and_a_rerun_retries_only_them(tmp_path, local_ray):
+@pytest.mark.parametrize("placement", [Placement(cpus=1), Placement(cpus=1, actors=2)], ids=["tasks", "pool"])
+def test_failures_are_recorded_and_a_rerun_retries_only_them(tmp_path, local_ray, placement):
     ledger = Ledger(str(tmp_path))
-    tasks = [ShardTask(f"{i:05d}", {"shard": f"{i:05d}", "root": str(tmp_path)}) for i in range(5)]
+    tasks = [ShardTask(f"{i:05d}") for i in range(5)]
     with StageProgress(enabled=False) as progress, pytest.raises(StageFailed) as info:
-        run_tasks(ledger, tasks, make_task({"00003"}), label="t", progress=progress, max_retries=1)
-    assert str(info.value).startswith("stage 't': 1 of 5 shards failed after 1 retries (first: shard 00003: ")
-    assert "bad input in 00003" in str(info.value) and "\n" not in str(info.value)
+        run = dict(fingerprint="f", label="t", progress=progress, placement=placement)
+        run_shards(ledger, tasks, make_worker({"00003"}), retries=1, **run)
+    assert str(info.value) == (
+        "stage 't': 1 of 5 shards failed after 1 retries (first: shard 00003: ValueError: bad input in 00003); "
+        "rerun to retry them"
+    )
     assert sorted(ledger.done()) == ["00000", "00001", "00002", "00004"]
-    assert "bad input in 00003" in ledger.failures()["00003"]["error"]
+    assert ledger.failures()["00003"]["error"] == "ValueError: bad input in 00003"
+    made_on = "2" if placement.actors else "a task"
+    assert (tmp_path / "00001.txt").read_text() == f"00001 made on {made_on}"
+    assert ledger.record("00001").files == ("00001.txt",) and ledger.record("00001").fingerprint == "f"
 
     before = {s: r.finished_at for s, r in ledger.done().items()}
     with StageProgress(enabled=False) as progress:
-        records = run_tasks(ledger, tasks, make_task(set()), label="t", progress=progress)
+        run = dict(fingerprint="f", label="t", progress=progress, placement=placement)
+        records = run_shards(ledger, tasks, make_worker(set()), **run)
     after = {s: r.finished_at for s, r in ledger.done().items()}
     assert {s: after[s] for s in before} == before  # committed shards were not run again
     assert sorted(records) == [t.shard for t in tasks]
     assert ledger.failures() == {}
     assert sorted(ledger.done()) == [t.shard for t in tasks]
+    assert not list((tmp_path / "_tmp").iterdir())  # the failed tries left nothing behind once retried
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.config import FilterConfig
+from pipeline.config.data import FilterSection
 from pipeline.stages.filter_rules import (
     REASONS,
     LanguageID,
@@ -23,7 +23,7 @@ from pipeline.stages.filter_rules import (
     phash64,
 )
 
-CFG = FilterConfig()
+CFG = FilterSection()
 LANGID = LanguageID()
 
 
@@ -65,7 +65,7 @@ def test_default_boilerplate(caption: str) -> None:
 
 
 def test_word_count_boundaries() -> None:
-    cfg = FilterConfig(min_caption_words=3, max_caption_words=6, languages=())
+    cfg = FilterSection(min_caption_words=3, max_caption_words=6, languages=())
     assert caption_reason("red circle", cfg, LANGID) == "caption_too_short"
     assert caption_reason("a red circle", cfg, LANGID) is None
     assert caption_reason("a  red\tcircle\n", cfg, LANGID) is None
@@ -74,14 +74,14 @@ def test_word_count_boundaries() -> None:
 
 
 def test_boilerplate_checked_before_word_count() -> None:
-    assert caption_reason("IMG_1234.JPG", FilterConfig(min_caption_words=5), LANGID) == "boilerplate"
+    assert caption_reason("IMG_1234.JPG", FilterSection(min_caption_words=5), LANGID) == "boilerplate"
 
 
 def test_custom_and_no_boilerplate_patterns() -> None:
-    cfg = FilterConfig(boilerplate_patterns=(r"(?s)lorem ipsum",), languages=())
+    cfg = FilterSection(boilerplate_patterns=(r"(?s)lorem ipsum",), languages=())
     assert caption_reason("LOREM IPSUM dolor sit", cfg, LANGID) == "boilerplate"
     assert caption_reason("untitled red circle", cfg, LANGID) is None
-    assert caption_reason("photographed on 2019-04-03", FilterConfig(boilerplate_patterns=()), LANGID) is None
+    assert caption_reason("photographed on 2019-04-03", FilterSection(boilerplate_patterns=()), LANGID) is None
 
 
 @pytest.mark.parametrize(
@@ -102,13 +102,13 @@ def test_english_kept(caption: str) -> None:
 def test_other_languages_dropped(caption: str, lang: str) -> None:
     assert LANGID.classify(caption)[0] == lang
     assert caption_reason(caption, CFG, LANGID) == "non_english"
-    assert caption_reason(caption, FilterConfig(languages=()), LANGID) is None
-    assert caption_reason(caption, FilterConfig(languages=("en", lang)), LANGID) is None
+    assert caption_reason(caption, FilterSection(languages=()), LANGID) is None
+    assert caption_reason(caption, FilterSection(languages=("en", lang)), LANGID) is None
 
 
 def test_unsegmented_chinese_is_one_word() -> None:
     assert caption_reason("左边有一个红色的小圆圈", CFG, LANGID) == "caption_too_short"
-    assert caption_reason("左边有一个红色的小圆圈", FilterConfig(min_caption_words=1), LANGID) == "non_english"
+    assert caption_reason("左边有一个红色的小圆圈", FilterSection(min_caption_words=1), LANGID) == "non_english"
 
 
 def test_language_confidence_threshold() -> None:
@@ -116,7 +116,7 @@ def test_language_confidence_threshold() -> None:
     lang, prob = LANGID.classify("el perro negro")
     assert lang != "en" and prob < 0.5
     assert caption_reason("el perro negro", CFG, LANGID) is None
-    assert caption_reason("el perro negro", FilterConfig(min_language_confidence=0.0), LANGID) == "non_english"
+    assert caption_reason("el perro negro", FilterSection(min_language_confidence=0.0), LANGID) == "non_english"
 
 
 def test_languageid_pickles_small() -> None:
@@ -198,7 +198,7 @@ def test_hamming() -> None:
 
 
 def test_decide_per_sample_and_dedup_reasons() -> None:
-    cfg = FilterConfig(near_duplicate_distance=4)
+    cfg = FilterSection(near_duplicate_distance=4)
     items = [
         facts("00", phash=0),
         facts("01", caption="untitled", phash=1 << 40),
@@ -222,10 +222,10 @@ def test_decide_per_sample_and_dedup_reasons() -> None:
 
 def test_decide_switches() -> None:
     items = [facts("a", phash=0), facts("b", url="http://x/a.jpg", sha256="sha-a", phash=1)]
-    off = FilterConfig(dedup_url=False, dedup_exact=False, near_duplicate_distance=None)
+    off = FilterSection(dedup_url=False, dedup_exact=False, near_duplicate_distance=None)
     assert decide(items, off, LANGID) == {"a": None, "b": None}
-    assert decide(items, FilterConfig(dedup_url=False), LANGID)["b"] == "duplicate_exact"
-    only_near = FilterConfig(dedup_url=False, dedup_exact=False, near_duplicate_distance=0)
+    assert decide(items, FilterSection(dedup_url=False), LANGID)["b"] == "duplicate_exact"
+    only_near = FilterSection(dedup_url=False, dedup_exact=False, near_duplicate_distance=0)
     assert decide(items, only_near, LANGID)["b"] is None
     assert decide(items, only_near.model_copy(update={"near_duplicate_distance": 1}), LANGID)["b"] == "near_duplicate"
 
@@ -253,7 +253,7 @@ def test_decide_order_independent() -> None:
 def test_decide_chain_compares_only_with_kept() -> None:
     a, b, c = 0, 0b111, 0b111111  # a~b (3 bits), b~c (3 bits), a!~c (6 bits)
     items = [facts("c", phash=c), facts("a", phash=a), facts("b", phash=b)]
-    assert decide(items, FilterConfig(near_duplicate_distance=4), LANGID) == {
+    assert decide(items, FilterSection(near_duplicate_distance=4), LANGID) == {
         "a": None, "b": "near_duplicate", "c": None,
     }  # fmt: skip
 
@@ -296,7 +296,7 @@ def test_near_duplicate_index_matches_brute_force(distance: int) -> None:
         hashes.append(h)
     rng.shuffle(hashes)
     items = [facts(f"{i:04d}", phash=h) for i, h in enumerate(hashes)]
-    cfg = FilterConfig(languages=(), dedup_url=False, dedup_exact=False, near_duplicate_distance=distance)
+    cfg = FilterSection(languages=(), dedup_url=False, dedup_exact=False, near_duplicate_distance=distance)
     got = decide(items, cfg, LANGID)
     assert got == brute_force_near(items, distance)
     assert 0 < sum(r is not None for r in got.values()) < len(items)

@@ -13,14 +13,12 @@ import torch
 from helpers import dalle
 from PIL import Image
 
-from pipeline.config import TextTokenizerConfig
-from pipeline.config_models import ClipConfig
-from pipeline.data.captions import COLOURS, POSITIONS, SHAPES, SIZES, caption
-from pipeline.models.clip import build_clip
-from pipeline.models.dvae import DVAE, save_dvae
+from pipeline.models.bpe import TextTokenizer, train_tokenizer
+from pipeline.models.clip import ClipConfig, build_clip
+from pipeline.models.dvae import DVAE, DVAEConfig, save_dvae
 from pipeline.models.generator import ImageGenerator, SamplingConfig, candidate_seed, rerank
 from pipeline.models.transformer import Dalle, DalleConfig, save_dalle
-from pipeline.text_tokenizer import TextTokenizer, train_tokenizer
+from pipeline.synthetic.captions import COLOURS, POSITIONS, SHAPES, SIZES, caption
 
 PROMPT = "a large red circle on the left"
 CLIP = ClipConfig(
@@ -41,11 +39,12 @@ def folder(tmp_path_factory):
         for z in SIZES
         for p in POSITIONS
     ]
-    bpe = train_tokenizer(captions, TextTokenizerConfig(vocab_size=200, text_len=12))
+    bpe = train_tokenizer(captions, vocab_size=200)
     (root / "tokenizer.json").write_text(bpe.to_str())
     torch.manual_seed(0)
     save_dvae(
-        DVAE(image_size=32, vocab_size=16, n_hid=8, n_blk_per_group=1, group_count=4, n_init=8), str(root / "dvae.pt")
+        DVAE(DVAEConfig(image_size=32, vocab_size=16, n_hid=8, n_blk_per_group=1, group_count=4, n_init=8)),
+        str(root / "dvae.pt"),
     )
     build_clip(CLIP, bpe).save(str(root / "clip"))
     cfg = DalleConfig(

@@ -37,7 +37,7 @@ from helpers import (
     train_step,
 )
 
-from pipeline.tracking import read_metrics
+from pipeline.observe.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from pipeline import storage
-from pipeline.ledger import Fingerprint, FingerprintMismatch, Ledger, ShardRecord, checksum_files, describe_change
-from pipeline.schemas import SchemaError
+from pipeline.engine.ledger import Fingerprint, Ledger, ShardRecord, checksum_files, describe_change
+from pipeline.errors import FingerprintMismatch, SchemaError
 
 
 def record(shard="00000", **kw):

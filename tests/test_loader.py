@@ -7,8 +7,9 @@ import itertools
 
 import pytest
 
-from pipeline.data.loader import ShardError, ShardSpan, ShardStream, read_span, split_holdout
+from pipeline.data.loader import ShardSpan, ShardStream, read_span, split_holdout
 from pipeline.data.shards import write_tar
+from pipeline.errors import ShardError
 
 
 @pytest.fixture

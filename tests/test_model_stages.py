@@ -17,16 +17,16 @@ import torch
 import yaml
 from helpers import TINY, compare_stage, dalle, free_port, kill_run_when, recipe_at
 
-from pipeline.config_models import DVAEConfig
+from pipeline.config.models import DVAESection
 from pipeline.data.images import decode_rgb, to_tensor
 from pipeline.data.shards import iter_samples, npy_load
-from pipeline.ledger import Ledger
+from pipeline.engine.ledger import Ledger
+from pipeline.models.bpe import TextTokenizer
 from pipeline.models.clip import load_clip
 from pipeline.models.dvae import load_dvae
+from pipeline.observe.tracking import read_metrics
 from pipeline.stages.dvae import schedules
 from pipeline.stages.encode_shard import Encoders, encode_shard
-from pipeline.text_tokenizer import TextTokenizer
-from pipeline.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_dvae_training_logs_its_schedules_and_measures_its_reconstructions(run):
     out, _ = run
     lines = [m for m in read_metrics(str(out / "dvae" / "metrics.jsonl")) if "loss" in m]
     assert [m["step"] for m in lines] == list(range(5, 61, 5))
-    cfg = DVAEConfig.model_validate(TINY["dvae"])
+    cfg = DVAESection.model_validate(TINY["dvae"])
     for line in lines:  # each line averages the schedule over the steps of its window
         window = range(line["step"] - 5, line["step"])
         assert line["temperature"] == pytest.approx(np.mean([schedules(cfg, s)[0] for s in window]))

@@ -14,9 +14,9 @@ import webdataset as wds
 from helpers import committed, compare_stage, dalle, free_port, kill_run_when, small_recipe
 
 from pipeline import storage
-from pipeline.ledger import Ledger
+from pipeline.engine.ledger import Ledger
+from pipeline.models.bpe import TextTokenizer
 from pipeline.stages.ingest import FAILURES
-from pipeline.text_tokenizer import TextTokenizer
 
 pytestmark = pytest.mark.slow
 

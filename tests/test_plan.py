@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from pipeline.plan import GB, USABLE_FRACTION, ModelShape, PlanRequest, activation_memory, format_plan, plan
+from pipeline.commands.plan import GB, USABLE_FRACTION, ModelShape, PlanRequest, activation_memory, format_plan, plan
 
 LAYERS, D = 64, 3968
 # 12·d² per block (attention 4d², MLP 8d²) plus the token embeddings and the two output heads.

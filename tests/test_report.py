@@ -16,9 +16,9 @@ import yaml
 from helpers import committed, copy_stages, dalle, kill_run_when, recipe_at
 from PIL import Image
 
-from pipeline.data.prompts import Prompt
-from pipeline.report import _pct
 from pipeline.stages.evaluate import accuracy, check
+from pipeline.synthetic.prompts import Prompt
+from pipeline.views.report import _pct
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,10 @@ from helpers import ENV, ROOT, compare_stage, kill_run_when, run_until
 from moto import server as moto_server
 
 from pipeline import storage, workflow
-from pipeline.config import load_recipe
-from pipeline.ledger import Ledger
+from pipeline.config.recipe import load_recipe
+from pipeline.engine.ledger import Ledger
 from pipeline.models.dvae import load_dvae
-from pipeline.tracking import read_metrics
+from pipeline.observe.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,8 @@ def resumed(bucket, run, tmp_path_factory):
 
     kill_run_when(["run", str(path), "--until", "encode", "--no-progress"], past_checkpoint, timeout=400)
     assert not storage.exists(storage.join(out, "dvae", "_done.json"))
-    status = {r["stage"]: r for r in workflow.status(load_recipe(str(path)))}
-    assert status["dvae"]["state"] == "partial" and status["dvae"]["training"].endswith("/60")
+    status = {r.stage: r for r in workflow.status(load_recipe(str(path)))}
+    assert status["dvae"].state == "partial" and status["dvae"].training.steps == 60
     run_until(path, "encode")
     print(f"S3 run with one SIGKILL, ingest to encode: {time.monotonic() - start:.1f} s")
     return out, local

@@ -6,8 +6,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.config import Recipe
-from pipeline.schemas import FILTERED_MANIFEST, SchemaError, render, validate_table
+from pipeline.config.recipe import Recipe
+from pipeline.engine.schemas import FILTERED_MANIFEST, render, validate_table
+from pipeline.errors import SchemaError
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 from helpers import ENV, ROOT, dalle, free_port, small_recipe
 
-from pipeline.ledger import Ledger
-from pipeline.stage_runs import examples
-from pipeline.tracking import read_metrics
+from pipeline.engine.ledger import Ledger
+from pipeline.observe.stage_runs import examples
+from pipeline.observe.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-from pipeline.config import DEFAULT_BOILERPLATE, SyntheticConfig
-from pipeline.data import synthetic
-from pipeline.data.server import LoopbackServer, dead_url
+from pipeline.config.data import DEFAULT_BOILERPLATE, SyntheticConfig
+from pipeline.synthetic import dataset as synthetic
+from pipeline.synthetic.server import LoopbackServer, dead_url
 
 CFG = SyntheticConfig(count=400, seed=7)
 OK_IMAGES = ("clean", "png", "webp")  # rows the filter must keep, so no two may be near duplicates

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.config import TextTokenizerConfig
-from pipeline.text_tokenizer import TextTokenizer, train_tokenizer
+from pipeline.models.bpe import TextTokenizer, train_tokenizer
 
 CAPTIONS = [
     f"a {s} {c} {shape} on the {p}"
@@ -17,11 +16,11 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(CAPTIONS, TextTokenizerConfig(vocab_size=300, text_len=16))
+    return train_tokenizer(CAPTIONS, vocab_size=300)
 
 
 def test_training_is_deterministic(tok):
-    again = train_tokenizer(CAPTIONS, TextTokenizerConfig(vocab_size=300, text_len=16))
+    again = train_tokenizer(CAPTIONS, vocab_size=300)
     assert again.to_str() == tok.to_str()
 
 

@@ -17,10 +17,11 @@ import torch
 import yaml
 from helpers import compare_keys, dalle, kill_run_when, recipe_at, run_until, train_sample_keys, train_step
 
-from pipeline.data.loader import ledger_spans, read_span, split_holdout
+from pipeline.data.loader import read_span, split_holdout
+from pipeline.engine.ledger import Ledger
 from pipeline.models.transformer import load_dalle
+from pipeline.observe.tracking import read_metrics
 from pipeline.stages.train import TransformerTask
-from pipeline.tracking import read_metrics
 from pipeline.train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -162,7 +163,7 @@ def test_zero3_with_ema_trains_and_exports_the_engine_and_ema_weights(tmp_path, 
 
     stage = out / "train"
     task = TransformerTask(json.loads((stage / "config.json").read_text()))
-    _, held_spans = split_holdout(ledger_spans(str(out / "encode")), 16)
+    _, held_spans = split_holdout(Ledger(str(out / "encode")).spans(), 16)
     held = [task.decode(s) for span in held_spans for s in read_span(span)]
 
     for weights, prefix in (("model", "heldout_"), ("ema", "ema_heldout_")):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config_models import DVAEConfig, TrainConfig
+from pipeline.config.models import DVAESection, TrainConfig
 from pipeline.stages.dvae import codebook_stats, schedules
 from pipeline.train.ema import EMA, merge_shards
 from pipeline.train.engine import deepspeed_config, merge
@@ -26,7 +26,7 @@ def test_cosine_goes_from_start_to_end_and_stays():
 
 
 def test_dvae_schedules_are_the_papers():
-    cfg = DVAEConfig()
+    cfg = DVAESection()
     assert (cfg.temperature_start, cfg.temperature_end, cfg.temperature_steps) == (1.0, 1 / 16, 150_000)
     assert (cfg.kl_weight, cfg.kl_steps) == (6.6, 5000)
     assert schedules(cfg, 0) == (1.0, 0.0)

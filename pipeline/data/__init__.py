@@ -1,0 +1,1 @@
+"""The data plane: webdataset shards, the resumable training loader, images, URL lists."""

@@ -7,7 +7,7 @@ The `total % W` samples past the last slice are left out of that epoch (a differ
 epoch, logged once). A rank's position is the number of samples it has consumed; a resumed
 stream given that position yields exactly what the uninterrupted one would have.
 
-Shard lengths come from the ledger, so planning reads no data; a shard that holds fewer samples
+Shard lengths come from the ledger (`Ledger.spans`), so planning reads no data; a shard that holds fewer samples
 than its ledger says (truncated, rewritten) is an error, never a silent skip.
 
 With `workers` > 0 a rank's batches are decoded by that many DataLoader processes: worker w
@@ -26,15 +26,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import storage
 from pipeline.data.shards import Sample, iter_samples
-from pipeline.ledger import Ledger
+from pipeline.errors import ShardError
 
 log = logging.getLogger(__name__)
-
-
-class ShardError(RuntimeError):
-    """A shard that does not hold what its ledger record says."""
 
 
 @dataclass(frozen=True)
@@ -44,18 +39,6 @@ class ShardSpan:
     url: str
     count: int
     start: int = 0
-
-
-def ledger_spans(stage_url: str) -> list[ShardSpan]:
-    """Every committed shard of a stage, in shard order, with its sample count from the ledger."""
-    spans = []
-    for shard, record in sorted(Ledger(stage_url).done().items()):
-        tars = [f for f in record.files if f.endswith(".tar")]
-        if len(tars) != 1:
-            raise ShardError(f"{stage_url}: ledger record of shard {shard} names {len(tars)} tar files")
-        if record.samples_out:
-            spans.append(ShardSpan(storage.join(stage_url, tars[0]), record.samples_out))
-    return spans
 
 
 def split_holdout(spans: list[ShardSpan], holdout: int) -> tuple[list[ShardSpan], list[ShardSpan]]:

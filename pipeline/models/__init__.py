@@ -1,1 +1,1 @@
-"""Model definitions: dVAE, CLIP, transformer."""
+"""The models, independent of the recipe: transformer, attention masks, dVAE, CLIP, BPE, sampling."""

@@ -1,5 +1,5 @@
 """CLIP (transformers' `CLIPModel`) for scoring image-caption pairs: load OpenAI/LAION CLIP from a local
-HF-format folder, or build a fresh one from the recipe to train; preprocessing without torchvision.
+HF-format folder, or build a fresh one of a `ClipConfig`'s sizes to train; preprocessing without torchvision.
 
 Preprocessing reproduces transformers' (PIL) `CLIPImageProcessor`: RGB (alpha over white), bicubic resize of
 the shorter side, center crop, scale to [0, 1], normalise. A trained CLIP uses our BPE tokenizer with added
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from tokenizers import AddedToken, Tokenizer, processors
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from pipeline import storage
-from pipeline.config_models import ClipConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,25 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
 PREPROCESSOR = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Sizes of a CLIP to train; the defaults are ViT-B/32's."""
+
+    image_size: int = 224
+    """Input side of the vision tower."""
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    text_len: int = 77
+    """Text context length."""
+    embed_dim: int = 512
+    """Joint embedding width."""
 
 
 class Clip:
@@ -234,7 +253,7 @@ def _read_json(path: str) -> dict:
 
 
 def build_clip(cfg: ClipConfig, tokenizer: Tokenizer, seed: int = 0) -> Clip:
-    """A freshly initialised CLIP of the recipe's sizes that reads captions with our BPE `tokenizer`."""
+    """A freshly initialised CLIP of `cfg`'s sizes that reads captions with our BPE `tokenizer`."""
     tok = Tokenizer.from_str(tokenizer.to_str())
     if tok.token_to_id(PAD) is None:
         raise ValueError(f"text tokenizer has no {PAD} token")

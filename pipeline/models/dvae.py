@@ -4,20 +4,16 @@ The architecture is that of OpenAI's released `dall_e` package (bottleneck resid
 decoder, logit-Laplace likelihood), generalised to any group count and made trainable: plain
 `nn.Conv2d` layers whose precision the caller picks with autocast, a Gumbel-softmax relaxation
 and the ELBO loss. Parameter names equal `dall_e`'s (with `.w`/`.b` spelled `.weight`/`.bias`),
-so `load_openai_dvae` can load OpenAI's `encoder.pkl`/`decoder.pkl` without that package.
+so `pipeline.models.dvae_openai` can load OpenAI's `encoder.pkl`/`decoder.pkl` without that package.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import pickle
-import re
-import types
-import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +21,35 @@ from torch import nn
 
 from pipeline import storage
 
-if TYPE_CHECKING:
-    from pipeline.config_models import DVAEConfig
-
 LOGIT_LAPLACE_EPS = 0.1
 FORMAT = "dalle-pipeline-dvae"
-SIZE_KEYS = ("image_size", "vocab_size", "n_hid", "n_blk_per_group", "group_count", "n_init")
+
+
+@dataclass(frozen=True)
+class DVAEConfig:
+    """Sizes of a dVAE; the defaults are OpenAI's released model (256 px, K 8192, 4 groups)."""
+
+    image_size: int = 256
+    """Side of the (square) images it reads."""
+    vocab_size: int = 8192
+    """Codebook size K."""
+    n_hid: int = 256
+    """Width of the first encoder group; group g is 2^(g-1) times wider."""
+    n_blk_per_group: int = 2
+    """Residual blocks per group."""
+    group_count: int = 4
+    """Groups; each but the last halves the resolution."""
+    n_init: int = 128
+    """Channels of the decoder's first 1x1 convolution."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % 2 ** (self.group_count - 1):
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2^(group_count-1)")
+
+    @property
+    def grid(self) -> int:
+        """Side of the token grid."""
+        return self.image_size // 2 ** (self.group_count - 1)
 
 
 def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
@@ -165,33 +184,24 @@ class DVAEOutput:
 class DVAE(nn.Module):
     """Encoder + decoder + the training loss; `config` holds the sizes (what `save_dvae` stores)."""
 
-    def __init__(
-        self, image_size: int = 256, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
-        group_count: int = 4, n_init: int = 128,
-    ) -> None:  # fmt: skip
+    def __init__(self, config: DVAEConfig) -> None:
         super().__init__()
-        if image_size % 2 ** (group_count - 1):
-            raise ValueError(f"image_size {image_size} is not divisible by 2^(group_count-1)")
-        sizes = (image_size, vocab_size, n_hid, n_blk_per_group, group_count, n_init)
-        self.config: dict[str, int] = dict(zip(SIZE_KEYS, sizes))
-        self.encoder = Encoder(group_count, n_hid, n_blk_per_group, 3, vocab_size)
-        self.decoder = Decoder(group_count, n_init, n_hid, n_blk_per_group, 3, vocab_size)
-
-    @classmethod
-    def from_config(cls, cfg: DVAEConfig) -> DVAE:
-        return cls(**{k: getattr(cfg, k) for k in SIZE_KEYS})
+        self.config = config
+        c = config
+        self.encoder = Encoder(c.group_count, c.n_hid, c.n_blk_per_group, 3, c.vocab_size)
+        self.decoder = Decoder(c.group_count, c.n_init, c.n_hid, c.n_blk_per_group, 3, c.vocab_size)
 
     @property
     def grid(self) -> int:
-        return self.config["image_size"] // 2 ** (self.config["group_count"] - 1)
+        return self.config.grid
 
     @property
     def vocab_size(self) -> int:
-        return self.config["vocab_size"]
+        return self.config.vocab_size
 
     @property
     def image_size(self) -> int:
-        return self.config["image_size"]
+        return self.config.image_size
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -258,7 +268,7 @@ class DVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(out[:, : out.shape[1] // 2]))
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -266,7 +276,7 @@ def _first_line(e: BaseException) -> str:
 def save_dvae(model: DVAE, url: str) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": 1, "config": dict(model.config), "state_dict": state}, buf)
+    torch.save({"format": FORMAT, "version": 1, "config": asdict(model.config), "state_dict": state}, buf)
     storage.write_atomic(url, buf.getvalue())
 
 
@@ -276,136 +286,17 @@ def load_dvae(url: str, map_location: Any = "cpu") -> DVAE:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ValueError(f"{url}: not a dVAE file ({_first_line(e)})") from None
+        raise ValueError(f"{url}: not a dVAE file ({first_line(e)})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{url}: not a dVAE file (no '{FORMAT}' format tag)")
     if blob.get("version") != 1:
         raise ValueError(f"{url}: unsupported dVAE file version {blob.get('version')!r}")
-    config = blob.get("config")
-    if not isinstance(config, dict) or set(config) != set(SIZE_KEYS):
-        raise ValueError(f"{url}: dVAE config {config!r} does not have the keys {SIZE_KEYS}")
-    model = DVAE(**config)
+    config, keys = blob.get("config"), [f.name for f in fields(DVAEConfig)]
+    if not isinstance(config, dict) or set(config) != set(keys):
+        raise ValueError(f"{url}: dVAE config {config!r} does not have the keys {tuple(keys)}")
+    model = DVAE(DVAEConfig(**config))
     try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"{url}: weights do not fit the config ({_first_line(e)})") from None
-    return model
-
-
-# ---- OpenAI's pickles ------------------------------------------------------------------------
-
-
-class _PickledDallE(nn.Module):
-    """Stands in for a `dall_e` class while unpickling: holds the pickled attributes, runs nothing."""
-
-    dall_e_class = ""
-
-
-# Every global a pickled dall_e module references (torch's storages, dtypes and rebuilders are matched below).
-_ALLOWED: dict[str, Any] = {
-    "collections.OrderedDict": OrderedDict,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
-    "torch.device": torch.device,
-    "torch.Size": torch.Size,
-}
-for _cls in (nn.ReLU, nn.Sequential, nn.Identity, nn.MaxPool2d, nn.Upsample):
-    _ALLOWED[f"{_cls.__module__}.{_cls.__name__}"] = _cls
-for _name in ("encoder.Encoder", "encoder.EncoderBlock", "decoder.Decoder", "decoder.DecoderBlock", "utils.Conv2d"):
-    _ALLOWED[f"dall_e.{_name}"] = type(_name.split(".")[1], (_PickledDallE,), {"dall_e_class": f"dall_e.{_name}"})
-del _cls, _name
-_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
-
-
-class _AllowlistUnpickler(pickle.Unpickler):
-    """Resolves only the globals a pickled dall_e module needs; everything else is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        module = "builtins" if module == "__builtin__" else module  # protocol-2 spelling
-        full = f"{module}.{name}"
-        if full in _ALLOWED:
-            return _ALLOWED[full]
-        if module == "torch._utils" and name in _REBUILDERS:
-            return getattr(torch._utils, name)
-        if module == "torch":
-            obj = getattr(torch, name, None)
-            is_storage = isinstance(obj, type) and name.endswith("Storage")
-            if isinstance(obj, torch.dtype) or is_storage:
-                return obj
-        raise pickle.UnpicklingError(f"refusing to load global {full}")
-
-
-# torch.load subclasses `pickle_module.Unpickler` and calls `pickle_module.load` (legacy format).
-_allowlist_pickle = types.ModuleType("dvae_allowlist_pickle")
-_allowlist_pickle.Unpickler = _AllowlistUnpickler  # type: ignore[attr-defined]
-_allowlist_pickle.load = lambda f, **kw: _AllowlistUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-
-
-def _load_pickled_dall_e(path: str, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The attributes and the weights (keys in our naming) of a pickled `dall_e.<kind>` module."""
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # legacy-format pickles warn that class sources differ
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_allowlist_pickle)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot load as a dall_e pickle ({_first_line(e)})") from None
-    expected = f"dall_e.{kind.lower()}.{kind}"
-    if getattr(obj, "dall_e_class", None) != expected:
-        raise ValueError(f"{path}: not a pickled {expected} (found {type(obj).__module__}.{type(obj).__name__})")
-
-    weights: dict[str, torch.Tensor] = {}
-
-    # Walk __dict__ rather than calling state_dict(): it depends on no hook attributes of the pickling torch.
-    def walk(module: nn.Module, prefix: str) -> None:
-        for name, p in module.__dict__.get("_parameters", {}).items():
-            if p is not None:
-                weights[re.sub(r"\.w$", ".weight", re.sub(r"\.b$", ".bias", prefix + name))] = p.detach()
-        for name, child in module.__dict__.get("_modules", {}).items():
-            if child is not None:
-                walk(child, f"{prefix}{name}.")
-
-    walk(obj, "")
-    attrs = dict(obj.__dict__)
-    # dall_e declares group_count without attr.ib, so it is a class attribute and not pickled.
-    blocks = obj.__dict__.get("_modules", {}).get("blocks")
-    groups = [n for n in getattr(blocks, "_modules", {}) if n.startswith("group_")]
-    attrs.setdefault("group_count", len(groups))
-    return attrs, weights
-
-
-def load_openai_dvae(encoder_path: str, decoder_path: str) -> DVAE:
-    """A DVAE from OpenAI's released `encoder.pkl` and `decoder.pkl` (whole pickled `dall_e` modules).
-
-    Needs no `dall_e` install and executes no code from the pickles beyond the allowlisted
-    constructors (torch tensor/parameter rebuilders, storages, dtypes, `torch.device`, OrderedDict,
-    set, and the plain `torch.nn` layers dall_e uses); dall_e's own classes become inert placeholder
-    modules whose weights and size fields are read back. Raises one-line ValueErrors naming the file.
-    """
-    enc, enc_w = _load_pickled_dall_e(encoder_path, "Encoder")
-    dec, dec_w = _load_pickled_dall_e(decoder_path, "Decoder")
-    if enc.get("vocab_size") != dec.get("vocab_size"):
-        raise ValueError(
-            f"{decoder_path}: vocab_size {dec.get('vocab_size')} differs from {encoder_path}'s {enc.get('vocab_size')}"
-        )
-    for key in ("group_count", "n_hid", "n_blk_per_group"):
-        if enc.get(key) != dec.get(key):
-            raise ValueError(f"{decoder_path}: {key} {dec.get(key)} differs from {encoder_path}'s {enc.get(key)}")
-    for path, attrs, key in ((encoder_path, enc, "input_channels"), (decoder_path, dec, "output_channels")):
-        if attrs.get(key, 3) != 3:
-            raise ValueError(f"{path}: {key} is {attrs.get(key)}, not 3 (RGB)")
-    try:
-        sizes = {k: int(enc[k]) for k in ("vocab_size", "n_hid", "n_blk_per_group", "group_count")}
-        # 256 is the side the released model was trained at; the convolutions accept any multiple of 2^(g-1).
-        model = DVAE(image_size=256, n_init=int(dec["n_init"]), **sizes)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{encoder_path}: bad or missing size fields ({_first_line(e)})") from None
-    for part, weights, path in ((model.encoder, enc_w, encoder_path), (model.decoder, dec_w, decoder_path)):
-        try:
-            part.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not fit the architecture ({_first_line(e)})") from None
+        raise ValueError(f"{url}: weights do not fit the config ({first_line(e)})") from None
     return model

@@ -90,10 +90,10 @@ class ImageGenerator:
     ) -> ImageGenerator:
         """Loads the transformer folder `model` (model.pt + config.json) and its companions: the URLs in its
         `models.json` unless given. `device` auto is CUDA when present; `precision` auto is bf16 there."""
+        from pipeline.models.bpe import TextTokenizer
         from pipeline.models.clip import load_clip
         from pipeline.models.dvae import load_dvae
         from pipeline.models.transformer import load_dalle
-        from pipeline.text_tokenizer import TextTokenizer
 
         url = storage.absolute(model)
         known = storage.read_json_or_none(storage.join(url, MODELS_FILE)) or {}

@@ -1,0 +1,1 @@
+"""One module per stage of the DAG (ingest ... evaluate); `base.py` holds the contract."""

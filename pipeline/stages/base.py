@@ -1,25 +1,24 @@
 """The stage contract: what a stage reads and writes, its fingerprint, its run, its status.
 
-A stage's logic lives in plain functions (unit-tested without Ray); the stage class only plans
-shard tasks, hands them to `pipeline.executor.run_tasks`, and summarises.
+A stage's logic lives in plain functions (unit-tested without Ray). The stage class plans typed
+shard tasks and hands them, with itself as the worker, to `pipeline.engine.executor.run_shards`:
+in the Ray worker or pool actor its `setup()` loads what every shard needs (models) once, and
+`process(task, attempt)` writes one shard into the attempt the engine then commits.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 from pipeline import storage
-from pipeline.config import Recipe
-from pipeline.executor import ShardTask, run_tasks
-from pipeline.ledger import Fingerprint, Ledger, ShardRecord
-from pipeline.progress import StageProgress
-
-
-class InputError(ValueError):
-    """A user input (URL list, upstream output) that cannot be used; one line for the user."""
+from pipeline.config.recipe import Recipe
+from pipeline.engine.executor import run_shards
+from pipeline.engine.ledger import Fingerprint, Ledger, ShardRecord
+from pipeline.engine.tasks import Placement, ShardTask, ShardWorker
+from pipeline.observe.progress import StageProgress
 
 
 @dataclass
@@ -30,8 +29,58 @@ class RunContext:
     fingerprint: Fingerprint
 
 
-class Stage:
-    """Base of every stage. Subclasses set the class variables and implement `run`."""
+def torch_device(placement: Placement) -> str:
+    """ "cuda" for a process the placement gave GPUs (when torch sees one), else "cpu" with torch's
+    threads limited to the placement's CPUs."""
+    import torch
+
+    if placement.gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(max(1, int(placement.cpus)))
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where a trained stage's run stands (from `_train/progress.json`)."""
+
+    step: int
+    steps: int | None
+    samples_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """One stage's state, read from its folder alone (`dalle status`, the dashboard, the report)."""
+
+    stage: str
+    state: Literal["complete", "failed", "partial", "pending"]
+    output: str
+    shards_done: int
+    shards_total: int | None
+    samples_in: int
+    samples_out: int
+    counts: dict[str, int]
+    """Drops and failures by reason."""
+    failures: int
+    """Shards that gave up and are not committed since."""
+    failure_examples: list[str]
+    """"shard: error" of the first few failed shards."""
+    seconds: float | None
+    last_update: float | None
+    """Unix time of the newest commit (or of the stage's completion)."""
+    training: TrainingProgress | None = None
+    """The training run's step, while a model stage trains."""
+    scanned_shards: int | None = None
+    """Raw shards the filter's scan phase has read, while the filter runs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Stage(ShardWorker):
+    """Base of every stage. Subclasses set the class variables and implement `run` (and, for
+    the shards they hand the engine, `setup` and `process`)."""
 
     name: ClassVar[str]
     """Folder and display name (`text-tokenizer`)."""
@@ -60,22 +109,24 @@ class Stage:
     def run_shards(
         self,
         ctx: RunContext,
-        tasks: list[ShardTask],
-        fn: Callable[[Any], ShardRecord],
+        tasks: Sequence[ShardTask],
+        *,
         ledger: Ledger | None = None,
         label: str | None = None,
-        max_retries: int = 2,
+        retries: int = 2,
+        placement: Placement | None = None,
     ) -> dict[str, ShardRecord]:
-        """Runs shard tasks on Ray (each asking for the recipe's `ray.cpus_per_task`), skipping
-        those in `ledger` (the stage's own by default)."""
-        return run_tasks(
+        """Has this stage make the shards of `tasks` that `ledger` (its own by default) does not
+        hold: as Ray tasks asking the recipe's `ray.cpus_per_task` each, or on `placement`."""
+        return run_shards(
             ledger or self.ledger,
             tasks,
-            fn,
+            self,
+            fingerprint=ctx.fingerprint.digest,
             label=label or self.name,
             progress=ctx.progress,
-            num_cpus=self.recipe.ray.cpus_per_task,
-            max_retries=max_retries,
+            retries=retries,
+            placement=placement or Placement(cpus=self.recipe.ray.cpus_per_task),
         )
 
     def inspect_inputs(self) -> dict[str, Any]:
@@ -106,7 +157,7 @@ class Stage:
     def is_done(self) -> bool:
         return storage.exists(storage.join(self.url, "_done.json"))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StageStatus:
         """State, shard and sample counts, per-reason counts, failures, last update (from the ledger)."""
         plan = storage.read_json_or_none(storage.join(self.url, "_plan.json"))
         done = storage.read_json_or_none(storage.join(self.url, "_done.json"))
@@ -125,18 +176,18 @@ class Stage:
         else:
             state = "pending"
         stats = done or {}
-        return {
-            "stage": self.name,
-            "state": state,
-            "output": self.url,
-            "shards_done": len(records),
-            "shards_total": plan["shards"] if plan else None,
-            "samples_in": stats.get("samples_in", sum(r.samples_in for r in records.values())),
-            "samples_out": stats.get("samples_out", sum(r.samples_out for r in records.values())),
-            "counts": stats.get("counts", counts),
-            "failures": len(failures),
-            "failure_examples": [f"{k}: {v['error']}" for k, v in sorted(failures.items())[:3]],
-            "seconds": stats.get("seconds"),
-            "last_update": max([r.finished_at for r in records.values()] + [stats.get("finished_at", 0)], default=None)
-            or None,
-        }
+        last = max([r.finished_at for r in records.values()] + [stats.get("finished_at", 0)], default=None)
+        return StageStatus(
+            stage=self.name,
+            state=state,
+            output=self.url,
+            shards_done=len(records),
+            shards_total=plan["shards"] if plan else None,
+            samples_in=stats.get("samples_in", sum(r.samples_in for r in records.values())),
+            samples_out=stats.get("samples_out", sum(r.samples_out for r in records.values())),
+            counts=stats.get("counts", counts),
+            failures=len(failures),
+            failure_examples=[f"{k}: {v['error']}" for k, v in sorted(failures.items())[:3]],
+            seconds=stats.get("seconds"),
+            last_update=last or None,
+        )

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.config import Recipe
-from pipeline.config_models import ClipConfig
+from pipeline.config.models import ClipSection
+from pipeline.config.recipe import Recipe
 from pipeline.data.images import decode_rgb
-from pipeline.data.loader import ledger_spans, read_span, split_holdout
+from pipeline.data.loader import read_span, split_holdout
 from pipeline.data.shards import Sample
-from pipeline.ledger import checksum_files
-from pipeline.stages.base import InputError, RunContext
+from pipeline.engine.ledger import Attempt, Ledger, checksum_files
+from pipeline.errors import InputError
+from pipeline.stages.base import RunContext
 from pipeline.stages.model_stage import ModelStage
 
 HOLDOUT = 64
@@ -74,20 +75,20 @@ def retrieval_scores(clip, pairs: list[tuple[np.ndarray, str]], device: torch.de
 
 
 class ClipTask:
-    """CLIP as a `pipeline.train.loop.TrainTask`; config: {"clip": ClipConfig, "tokenizer": url}."""
+    """CLIP as a `pipeline.train.loop.TrainTask`; config: {"clip": ClipSection, "tokenizer": url}."""
 
     def __init__(self, config: dict[str, Any]):
-        self.cfg = ClipConfig.model_validate(config["clip"])
+        self.cfg = ClipSection.model_validate(config["clip"])
         self.tokenizer_url = config["tokenizer"]
         self._clip = None
 
     def build_model(self) -> nn.Module:
         from tokenizers import Tokenizer
 
-        from pipeline.models.clip import build_clip
+        from pipeline.models.clip import ClipConfig, build_clip
 
         tokenizer = Tokenizer.from_str(storage.read_bytes(self.tokenizer_url).decode())
-        clip = build_clip(self.cfg, tokenizer, seed=self.cfg.train.seed)
+        clip = build_clip(self.cfg.build(ClipConfig), tokenizer, seed=self.cfg.train.seed)
         self._clip = self._clip or clip  # preprocessing and tokenizing come from the first one
         return ClipLoss(clip)
 
@@ -129,26 +130,28 @@ class ClipStage(ModelStage):
         return {"weights": checksum_files([storage.join(path, "config.json")])}
 
     def held_out(self) -> list[tuple[np.ndarray, str]]:
-        _, held = split_holdout(ledger_spans(self.upstream_url("filter")), HOLDOUT)
+        _, held = split_holdout(Ledger(self.upstream_url("filter")).spans(), HOLDOUT)
         return [(decode_rgb(s["jpg"]), s["txt"].decode()) for span in held for s in read_span(span)]
 
-    def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
-        """Trains into `attempt/model/`; nothing to write when the recipe gives weights."""
+    def build(self, attempt: Attempt, ctx: RunContext) -> int:
+        """Trains into `model/`; nothing to write when the recipe gives weights."""
         if self.cfg.weights is not None:
-            return [], 0
+            return 0
         config = {"clip": self.cfg.model_dump(mode="json"), "tokenizer": self.tokenizer_url()}
-        trained = self.train(attempt, ctx, config, HOLDOUT)
-        return sorted(f"model/{n}" for n in storage.list_names(storage.join(attempt, "model"))), trained
+        trained = self.train(attempt.folder, ctx, config, HOLDOUT)
+        attempt.adopt(*sorted(f"model/{n}" for n in storage.list_names(storage.join(attempt.folder, "model"))))
+        return trained
 
-    def score(self, attempt: str) -> tuple[dict[str, float], list[str]]:
+    def score(self, attempt: Attempt) -> dict[str, float]:
         from pipeline.models.clip import load_clip
 
-        path = storage.join(attempt, "model") if self.cfg.weights is None else storage.absolute(self.cfg.weights)
+        trained = storage.join(attempt.folder, "model")
+        path = trained if self.cfg.weights is None else storage.absolute(self.cfg.weights)
         try:
             clip = load_clip(path)
         except ValueError as err:
             raise InputError(f"clip.weights: {err}") from None
-        return retrieval_scores(clip.eval(), self.held_out(), torch.device("cpu")), []
+        return retrieval_scores(clip.eval(), self.held_out(), torch.device("cpu"))
 
     def tokenizer_url(self) -> str:
         return storage.join(self.upstream_url("text-tokenizer"), "tokenizer.json")

@@ -14,17 +14,18 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.config_models import DVAEConfig
+from pipeline.config.models import DVAESection
 from pipeline.data.images import decode_rgb, grid, png_bytes, to_tensor, to_uint8
-from pipeline.data.loader import ledger_spans, read_span, split_holdout
+from pipeline.data.loader import read_span, split_holdout
 from pipeline.data.shards import Sample
-from pipeline.ledger import checksum_files
-from pipeline.stages.base import InputError, RunContext
+from pipeline.engine.ledger import Attempt, Ledger, checksum_files
+from pipeline.errors import InputError
+from pipeline.stages.base import RunContext
 from pipeline.stages.model_stage import ModelStage
 from pipeline.train.schedules import cosine
 
 
-def schedules(cfg: DVAEConfig, step: int) -> tuple[float, float]:
+def schedules(cfg: DVAESection, step: int) -> tuple[float, float]:
     """(Gumbel temperature, KL weight) at `step`: the paper's cosine anneals."""
     temperature = cosine(cfg.temperature_start, cfg.temperature_end, step, cfg.temperature_steps)
     return temperature, cosine(0.0, cfg.kl_weight, step, cfg.kl_steps)
@@ -60,12 +61,12 @@ class DVAETask:
     """The dVAE as a `pipeline.train.loop.TrainTask`."""
 
     def __init__(self, config: dict[str, Any]):
-        self.cfg = DVAEConfig.model_validate(config)
+        self.cfg = DVAESection.model_validate(config)
 
     def build_model(self) -> nn.Module:
-        from pipeline.models.dvae import DVAE
+        from pipeline.models.dvae import DVAE, DVAEConfig
 
-        return DVAE.from_config(self.cfg)
+        return DVAE(self.cfg.build(DVAEConfig))
 
     def decode(self, sample: Sample) -> np.ndarray:
         return decode_rgb(sample["jpg"], self.cfg.image_size)
@@ -116,7 +117,8 @@ def weight_files(path: str) -> list[str]:
 
 def load_weights(path: str):
     """The dVAE at `path` (see `weight_files`)."""
-    from pipeline.models.dvae import load_dvae, load_openai_dvae
+    from pipeline.models.dvae import load_dvae
+    from pipeline.models.dvae_openai import load_openai_dvae
 
     files = weight_files(path)
     try:
@@ -137,28 +139,30 @@ class DVAEStage(ModelStage):
         return {"weights": checksum_files(weight_files(storage.absolute(self.cfg.weights)))}
 
     def held_out(self) -> np.ndarray:
-        _, held = split_holdout(ledger_spans(self.upstream_url("filter")), self.cfg.reconstructions)
+        _, held = split_holdout(Ledger(self.upstream_url("filter")).spans(), self.cfg.reconstructions)
         return np.stack([decode_rgb(s["jpg"], self.cfg.image_size) for span in held for s in read_span(span)])
 
-    def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
-        """Trains (or converts the given weights) into `attempt/dvae.pt`."""
+    def build(self, attempt: Attempt, ctx: RunContext) -> int:
+        """Trains (or converts the given weights) into `dvae.pt`."""
         from pipeline.models.dvae import save_dvae
 
         if self.cfg.weights is None:
-            return ["dvae.pt"], self.train(attempt, ctx, self.cfg.model_dump(mode="json"), self.cfg.reconstructions)
+            trained = self.train(attempt.folder, ctx, self.cfg.model_dump(mode="json"), self.cfg.reconstructions)
+            attempt.adopt("dvae.pt")
+            return trained
         model = load_weights(storage.absolute(self.cfg.weights))
         if model.image_size != self.cfg.image_size or model.vocab_size != self.cfg.vocab_size:
             raise InputError(
                 f"dvae.weights: {self.cfg.weights} is a {model.image_size} px, K={model.vocab_size} dVAE; "
                 f"the recipe says dvae.image_size={self.cfg.image_size}, dvae.vocab_size={self.cfg.vocab_size}"
             )
-        save_dvae(model, storage.join(attempt, "dvae.pt"))
-        return ["dvae.pt"], 0
+        save_dvae(model, attempt.path("dvae.pt"))
+        return 0
 
-    def score(self, attempt: str) -> tuple[dict[str, float], list[str]]:
+    def score(self, attempt: Attempt) -> dict[str, float]:
         from pipeline.models.dvae import load_dvae
 
-        model = load_dvae(storage.join(attempt, "dvae.pt"))
+        model = load_dvae(storage.join(attempt.folder, "dvae.pt"))
         scores, image = reconstruction_scores(model, self.held_out(), torch.device("cpu"))
-        storage.write_atomic(storage.join(attempt, "reconstructions.png"), png_bytes(image))
-        return scores, ["reconstructions.png"]
+        attempt.write("reconstructions.png", png_bytes(image))
+        return scores

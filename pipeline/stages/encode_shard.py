@@ -9,7 +9,6 @@ manifest repeats the keys and the writer checks both against each other.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from pipeline import storage
 from pipeline.data.images import decode_rgb, to_tensor
 from pipeline.data.loader import ShardSpan, read_span
 from pipeline.data.shards import npy_bytes, write_tar
-from pipeline.ledger import Ledger, ShardRecord
-from pipeline.schemas import ENCODED_MANIFEST, validate_table
+from pipeline.engine.ledger import Attempt, ShardResult
+from pipeline.engine.schemas import ENCODED_MANIFEST, validate_table
+from pipeline.engine.tasks import ShardTask
 
 DROP_REASON = "clip_similarity"
 
@@ -35,29 +35,34 @@ class Encoders:
 
     dvae: Any
     clip: Any
-    text: Any  # pipeline.text_tokenizer.TextTokenizer
+    text: Any  # pipeline.models.bpe.TextTokenizer
     device: torch.device
     dtype: torch.dtype | None
     batch_size: int
 
     @classmethod
-    def load(cls, spec: dict[str, Any]) -> Encoders:
+    def load(
+        cls,
+        *,
+        dvae: str,
+        clip: str,
+        tokenizer: str,
+        text_len: int,
+        batch_size: int,
+        precision: str = "auto",
+        device: str = "cpu",
+    ) -> Encoders:
+        """The models at those URLs on `device`; precision "auto" is bf16 on CUDA, else fp32."""
+        from pipeline.models.bpe import TextTokenizer
         from pipeline.models.clip import load_clip
         from pipeline.models.dvae import load_dvae
-        from pipeline.text_tokenizer import TextTokenizer
 
-        on_gpu = spec["gpus"] > 0 and torch.cuda.is_available()
-        device = torch.device("cuda" if on_gpu else "cpu")
-        if not on_gpu:
-            torch.set_num_threads(max(1, int(spec["cpus"])))
-        precision = spec["precision"]
+        on_gpu = device == "cuda"
         if precision == "auto":
             precision = "bf16" if on_gpu else "fp32"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        dvae = load_dvae(spec["dvae"]).to(device).eval()
-        clip = load_clip(spec["clip"]).to(device).eval()
-        text = TextTokenizer.load(spec["tokenizer"], spec["text_len"])
-        return cls(dvae, clip, text, device, dtype, spec["batch_size"])
+        models = (load_dvae(dvae).to(device).eval(), load_clip(clip).to(device).eval())
+        return cls(*models, TextTokenizer.load(tokenizer, text_len), torch.device(device), dtype, batch_size)
 
     def autocast(self):
         if self.dtype is None:
@@ -92,12 +97,24 @@ class Encoders:
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="decode")
 
 
-def encode_shard(models: Encoders, payload: dict[str, Any]) -> ShardRecord:
-    """Encodes one filtered shard into `<shard>.tar` + `<shard>.parquet` and commits it."""
-    started = time.monotonic()
-    shard = payload["shard"]
-    samples = read_span(ShardSpan(payload["url"], payload["count"]))
-    manifest = storage.read_parquet(payload["manifest"]).to_pylist()
+@dataclass(frozen=True)
+class EncodeTask(ShardTask):
+    """Encode one filtered shard."""
+
+    url: str
+    """The filtered shard's tar."""
+    manifest: str
+    """Its parquet manifest."""
+    count: int
+    """Samples it holds (from filter's ledger)."""
+
+
+def encode_shard(models: Encoders, task: EncodeTask, attempt: Attempt, threshold: float | None) -> ShardResult:
+    """Encodes one filtered shard into `<shard>.tar` + `<shard>.parquet`, dropping pairs whose
+    CLIP similarity is below `threshold` (None keeps every pair)."""
+    shard = task.shard
+    samples = read_span(ShardSpan(task.url, task.count))
+    manifest = storage.read_parquet(task.manifest).to_pylist()
     if [m["key"] for m in manifest] != [s["__key__"] for s in samples]:
         raise RuntimeError(f"encode shard {shard}: the filtered tar and its manifest list different keys")
     size = models.dvae.image_size
@@ -106,7 +123,6 @@ def encode_shard(models: Encoders, payload: dict[str, Any]) -> ShardRecord:
     image_tokens, image_emb = models.images(images)
     text_emb = models.captions(captions)
     similarity = (image_emb * text_emb).sum(1)
-    threshold = payload["threshold"]
     keep = similarity >= threshold if threshold is not None else np.ones(len(samples), dtype=bool)
 
     out, rows = [], []
@@ -140,18 +156,6 @@ def encode_shard(models: Encoders, payload: dict[str, Any]) -> ShardRecord:
         )
     table = pa.Table.from_pylist(rows, schema=ENCODED_MANIFEST)
     validate_table(table, ENCODED_MANIFEST, f"encode shard {shard} manifest")
-    ledger = Ledger(payload["stage_url"])
-    tmp = ledger.attempt_dir(shard)
-    files = [f"{shard}.tar", f"{shard}.parquet"]
-    write_tar(storage.join(tmp, files[0]), out)
-    storage.write_parquet(storage.join(tmp, files[1]), table)
-    return ledger.commit_files(
-        shard,
-        tmp,
-        files,
-        samples_in=len(samples),
-        samples_out=len(out),
-        fingerprint=payload["fingerprint"],
-        started=started,
-        counts={DROP_REASON: int((~keep).sum())},
-    )
+    write_tar(attempt.path(f"{shard}.tar"), out)
+    storage.write_parquet(attempt.path(f"{shard}.parquet"), table)
+    return ShardResult(samples_in=len(samples), samples_out=len(out), counts={DROP_REASON: int((~keep).sum())})

@@ -1,5 +1,5 @@
 """evaluate: generate for a fixed prompt set in the synthetic vocabulary and check every image
-against the prompt's ground truth with `pipeline.data.analyzer`.
+against the prompt's ground truth with `pipeline.synthetic.analyzer`.
 
 One shard per prompt (`<shard>.json`: every candidate's CLIP score and per-attribute checks, and
 which were kept; `<shard>.png`: the kept images). `metrics.json` holds, per prompt group, the
@@ -10,21 +10,22 @@ kept ones ("after"), and the mean CLIP scores; the same figures go to W&B.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline import storage
-from pipeline.data import analyzer
 from pipeline.data.images import png_bytes, tile
-from pipeline.data.prompts import GROUPS, Prompt, evaluation_prompts
-from pipeline.data.synthetic import heldout_pairs
-from pipeline.ledger import ShardRecord
-from pipeline.models.generator import ImageGenerator
+from pipeline.engine.ledger import Attempt
+from pipeline.engine.tasks import ShardTask
+from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.stages.base import RunContext
-from pipeline.stages.generation import GenerationStage, commit_shard, sampling, shard_records
+from pipeline.stages.generation import GenerationStage, shard_records
+from pipeline.synthetic import analyzer
+from pipeline.synthetic.dataset import heldout_pairs
+from pipeline.synthetic.prompts import GROUPS, Prompt, evaluation_prompts
 
 CHECKS = ("colour", "shape", "size", "position", "count", "relation", "all")
 
@@ -34,12 +35,20 @@ def check(image: np.ndarray, prompt: Prompt) -> dict[str, bool]:
     return analyzer.score(analyzer.analyze(image), prompt.objects, prompt.relation)
 
 
-def evaluate_shard(gen: ImageGenerator, payload: dict[str, Any]) -> ShardRecord:
-    """Draws, reranks and checks one prompt's candidates; commits the verdicts and the kept grid."""
-    started = time.monotonic()
-    prompt = Prompt.from_dict(payload["prompt"])
-    result = gen.generate(prompt.text, payload["candidates"], sampling(payload))
-    kept = result.best(payload["top"])
+@dataclass(frozen=True)
+class EvaluateTask(ShardTask):
+    """One prompt of the evaluation set."""
+
+    prompt: Prompt
+
+
+def evaluate_prompt(
+    gen: ImageGenerator, prompt: Prompt, candidates: int, top: int, sampling: SamplingConfig
+) -> tuple[dict, np.ndarray]:
+    """Draws, reranks and checks one prompt's candidates: the verdicts (`<shard>.json`) and the
+    kept images' grid."""
+    result = gen.generate(prompt.text, candidates, sampling)
+    kept = result.best(top)
     record = {
         "prompt": prompt.to_dict(),
         "kept": [int(i) for i in kept],
@@ -48,11 +57,7 @@ def evaluate_shard(gen: ImageGenerator, payload: dict[str, Any]) -> ShardRecord:
             for s, image in zip(result.scores, result.images)
         ],
     }
-    files = {
-        f"{payload['shard']}.json": json.dumps(record).encode(),
-        f"{payload['shard']}.png": png_bytes(tile(result.images[kept], len(kept))),
-    }
-    return commit_shard(payload, files, started)
+    return record, tile(result.images[kept], len(kept))
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -96,7 +101,11 @@ class EvaluateStage(GenerationStage):
     name = "evaluate"
     config_key = "evaluate"
     tracks_itself = True
-    shard_fn = "pipeline.stages.evaluate:evaluate_shard"
+
+    def draw(self, gen: ImageGenerator, task: EvaluateTask, attempt: Attempt) -> None:
+        record, grid = evaluate_prompt(gen, task.prompt, self.cfg.candidates, self.cfg.top, self.sampling())
+        attempt.write(f"{task.shard}.json", json.dumps(record).encode())
+        attempt.write(f"{task.shard}.png", png_bytes(grid))
 
     def prompts(self) -> list[Prompt]:
         cfg = self.cfg
@@ -106,7 +115,7 @@ class EvaluateStage(GenerationStage):
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         prompts = self.prompts()
-        self.run_prompts(ctx, [(f"{i:05d}", {"prompt": p.to_dict()}) for i, p in enumerate(prompts)])
+        self.run_prompts(ctx, [EvaluateTask(f"{i:05d}", p) for i, p in enumerate(prompts)])
         records = [record for _, record in shard_records(self.url)]
         metrics = {"candidates": self.cfg.candidates, "top": self.cfg.top, "groups": accuracy(records)}
         storage.write_json(storage.join(self.url, "metrics.json"), metrics)
@@ -121,7 +130,7 @@ class EvaluateStage(GenerationStage):
         }
 
     def track(self, groups: dict[str, Any]) -> None:
-        from pipeline.tracking import Tracker, new_run_id
+        from pipeline.observe.tracking import Tracker, new_run_id
 
         tracker = Tracker(
             self.url,

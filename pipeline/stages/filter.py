@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import storage
-from pipeline.config import FilterConfig
+from pipeline.config.data import FilterSection
 from pipeline.data.shards import iter_samples, write_tar
-from pipeline.executor import ShardTask
-from pipeline.ledger import Ledger, ShardRecord
-from pipeline.schemas import FILTER_FACTS, FILTERED_MANIFEST, validate_table
-from pipeline.stages.base import RunContext, Stage
+from pipeline.engine.ledger import Attempt, Ledger, ShardResult
+from pipeline.engine.schemas import FILTER_FACTS, FILTERED_MANIFEST, validate_table
+from pipeline.engine.tasks import ShardTask
+from pipeline.stages.base import RunContext, Stage, StageStatus
 from pipeline.stages.filter_rules import (
     REASONS,
     LanguageID,
@@ -46,7 +46,7 @@ def drop_counts(decisions: dict[str, str | None]) -> dict[str, int]:
     return counts
 
 
-def _facts_row(sample: dict, source: str, cfg: FilterConfig, langid: LanguageID) -> dict[str, Any]:
+def _facts_row(sample: dict, source: str, cfg: FilterSection, langid: LanguageID) -> dict[str, Any]:
     meta = json.loads(sample["json"])
     caption = sample.get("txt", b"").decode("utf-8", errors="replace")
     width, height = meta.get("original_width"), meta.get("original_height")
@@ -66,61 +66,51 @@ def _facts_row(sample: dict, source: str, cfg: FilterConfig, langid: LanguageID)
     }
 
 
-def scan_shard(payload: dict[str, Any]) -> ShardRecord:
-    """Phase 1 task: the facts of one raw shard."""
-    started = time.monotonic()
-    cfg = FilterConfig.model_validate(payload["cfg"])
-    ledger = Ledger(payload["scan_url"])
-    langid = LanguageID()
-    rows = [_facts_row(s, payload["shard"], cfg, langid) for s in iter_samples(payload["tar"])]
+@dataclass(frozen=True)
+class ScanTask(ShardTask):
+    """Phase 1: the facts of one raw shard (`shard` is the raw shard's id)."""
+
+    tar: str
+
+
+@dataclass(frozen=True)
+class WriteTask(ShardTask):
+    """Phase 3: one output shard, the kept samples in key order."""
+
+    keys: tuple[str, ...]
+    sources: tuple[str, ...]
+    """The raw tars holding those samples."""
+    manifest: tuple[dict[str, Any], ...]
+    """The samples' manifest rows, in `keys` order."""
+
+
+def scan_shard(cfg: FilterSection, langid: LanguageID, task: ScanTask, attempt: Attempt) -> ShardResult:
+    """Phase 1: per-sample facts of one raw shard into `<shard>.parquet` (of the `_scan` ledger)."""
+    rows = [_facts_row(s, task.shard, cfg, langid) for s in iter_samples(task.tar)]
     table = pa.Table.from_pylist(rows, schema=FILTER_FACTS.append(pa.field("reason", pa.string())))
-    validate_table(table, FILTER_FACTS, f"filter scan of {payload['tar']}")
-    name = f"{payload['shard']}.parquet"
-    tmp = ledger.attempt_dir(payload["shard"])
-    storage.write_parquet(storage.join(tmp, name), table)
+    validate_table(table, FILTER_FACTS, f"filter scan of {task.tar}")
+    storage.write_parquet(attempt.path(f"{task.shard}.parquet"), table)
     counts = drop_counts(dict(zip(table["key"].to_pylist(), table["reason"].to_pylist())))
-    return ledger.commit_files(
-        payload["shard"],
-        tmp,
-        [name],
-        samples_in=table.num_rows,
-        samples_out=table.num_rows - sum(counts.values()),
-        fingerprint=payload["fingerprint"],
-        started=started,
-        counts=counts,
-    )
+    return ShardResult(samples_in=table.num_rows, samples_out=table.num_rows - sum(counts.values()), counts=counts)
 
 
-def write_shard(payload: dict[str, Any]) -> ShardRecord:
-    """Phase 3 task: copy the kept samples (already in key order) into one output shard."""
-    started = time.monotonic()
-    ledger = Ledger(payload["stage_url"])
-    wanted = {key: i for i, key in enumerate(payload["keys"])}
+def write_shard(task: WriteTask, attempt: Attempt) -> ShardResult:
+    """Phase 3: copies the kept samples (already in key order) into one output shard."""
+    wanted = {key: i for i, key in enumerate(task.keys)}
     picked: list[dict | None] = [None] * len(wanted)
-    for tar in payload["sources"]:
+    for tar in task.sources:
         for sample in iter_samples(tar):
             if sample["__key__"] in wanted:
                 picked[wanted[sample["__key__"]]] = sample
     missing = [k for k, i in wanted.items() if picked[i] is None]
     if missing:
-        raise RuntimeError(
-            f"filter shard {payload['shard']}: {len(missing)} planned samples not found, e.g. {missing[0]}"
-        )
-    manifest = pa.Table.from_pylist([payload["manifest"][k] for k in payload["keys"]], schema=FILTERED_MANIFEST)
-    validate_table(manifest, FILTERED_MANIFEST, f"filter shard {payload['shard']} manifest")
-    tmp = ledger.attempt_dir(payload["shard"])
-    files = [f"{payload['shard']}.tar", f"{payload['shard']}.parquet"]
-    write_tar(storage.join(tmp, files[0]), ({m: s[m] for m in ("__key__", "jpg", "txt", "json")} for s in picked))
-    storage.write_parquet(storage.join(tmp, files[1]), manifest)
-    return ledger.commit_files(
-        payload["shard"],
-        tmp,
-        files,
-        samples_in=len(wanted),
-        samples_out=len(wanted),
-        fingerprint=payload["fingerprint"],
-        started=started,
-    )
+        raise RuntimeError(f"filter shard {task.shard}: {len(missing)} planned samples not found, e.g. {missing[0]}")
+    manifest = pa.Table.from_pylist(list(task.manifest), schema=FILTERED_MANIFEST)
+    validate_table(manifest, FILTERED_MANIFEST, f"filter shard {task.shard} manifest")
+    members = ("__key__", "jpg", "txt", "json")
+    write_tar(attempt.path(f"{task.shard}.tar"), ({m: s[m] for m in members} for s in picked))
+    storage.write_parquet(attempt.path(f"{task.shard}.parquet"), manifest)
+    return ShardResult(samples_in=len(wanted), samples_out=len(wanted))
 
 
 class FilterStage(Stage):
@@ -140,23 +130,30 @@ class FilterStage(Stage):
         reasons.update(dedup([SampleFacts(**row) for row in survivors.to_pylist()], self.cfg))
         return reasons
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StageStatus:
         """While the stage runs, the scan phase's per-sample drop counts (dedup comes after it)."""
         status = super().status()
-        if status["state"] != "complete":
-            scan = Ledger(storage.join(self.url, "_scan")).done().values()
-            status["scanned_shards"] = len(scan)
-            status["counts"] = {r: sum(rec.counts.get(r, 0) for rec in scan) for r in REASONS}
-            status["samples_in"] = sum(rec.samples_in for rec in scan)
-        return status
+        if status.state == "complete":
+            return status
+        scan = Ledger(storage.join(self.url, "_scan")).done().values()
+        return replace(
+            status,
+            scanned_shards=len(scan),
+            counts={r: sum(rec.counts.get(r, 0) for rec in scan) for r in REASONS},
+            samples_in=sum(rec.samples_in for rec in scan),
+        )
+
+    def process(self, task: ScanTask | WriteTask, attempt: Attempt) -> ShardResult:
+        if isinstance(task, ScanTask):
+            return scan_shard(self.cfg, LanguageID(), task, attempt)
+        return write_shard(task, attempt)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        cfg: FilterConfig = self.cfg
+        cfg: FilterSection = self.cfg
         raw = self._raw_shards()
         scan = Ledger(storage.join(self.url, "_scan"))
-        common = {"cfg": cfg.model_dump(mode="json"), "fingerprint": ctx.fingerprint.digest}
-        scan_tasks = [ShardTask(s, {**common, "shard": s, "tar": tar, "scan_url": scan.root}) for s, tar in raw.items()]
-        records = self.run_shards(ctx, scan_tasks, scan_shard, ledger=scan, label="filter (scan)")
+        scan_tasks = [ScanTask(s, tar) for s, tar in raw.items()]
+        records = self.run_shards(ctx, scan_tasks, ledger=scan, label="filter (scan)")
         facts = pa.concat_tables([storage.read_parquet(scan.path(r.files[0])) for r in records.values()])
         decisions = self.decisions(facts)
         kept = sorted(k for k, reason in decisions.items() if reason is None)
@@ -166,20 +163,9 @@ class FilterStage(Stage):
         tasks = []
         for i, keys in enumerate(shards):
             sources = sorted({by_key[k]["source_shard"] for k in keys})
-            tasks.append(
-                ShardTask(
-                    f"{i:05d}",
-                    {
-                        "shard": f"{i:05d}",
-                        "keys": keys,
-                        "sources": [raw[s] for s in sources],
-                        "manifest": {k: by_key[k] for k in keys},
-                        "stage_url": self.url,
-                        "fingerprint": ctx.fingerprint.digest,
-                    },
-                )
-            )
-        self.run_shards(ctx, tasks, write_shard)
+            manifest = tuple(by_key[k] for k in keys)
+            tasks.append(WriteTask(f"{i:05d}", tuple(keys), tuple(raw[s] for s in sources), manifest))
+        self.run_shards(ctx, tasks)
         storage.write_parquet(
             storage.join(self.url, "_decisions.parquet"),
             pa.table({"key": list(decisions), "reason": list(decisions.values())}),

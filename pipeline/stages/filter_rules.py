@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.config import FilterConfig
+from pipeline.config.data import FilterSection
 
 REASONS: tuple[str, ...] = (
     "caption_empty",
@@ -70,7 +70,7 @@ def _boilerplate_regexes(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ..
     return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
 
 
-def caption_reason(caption: str | None, cfg: FilterConfig, langid: LanguageID) -> str | None:
+def caption_reason(caption: str | None, cfg: FilterSection, langid: LanguageID) -> str | None:
     """Why the caption drops its sample, or None when it passes.
 
     Rules are tried in this order, the first that fires names the reason:
@@ -100,7 +100,7 @@ def caption_reason(caption: str | None, cfg: FilterConfig, langid: LanguageID) -
     return None
 
 
-def image_reason(original_width: int | None, original_height: int | None, cfg: FilterConfig) -> str | None:
+def image_reason(original_width: int | None, original_height: int | None, cfg: FilterSection) -> str | None:
     """Why the original image size drops its sample (`aspect_ratio`, `low_resolution`), or None.
 
     The aspect ratio is width / height, kept when inside [min_aspect_ratio, max_aspect_ratio]
@@ -201,13 +201,13 @@ class _NearIndex:
 
 
 def sample_reason(
-    caption: str | None, width: int | None, height: int | None, cfg: FilterConfig, langid: LanguageID
+    caption: str | None, width: int | None, height: int | None, cfg: FilterSection, langid: LanguageID
 ) -> str | None:
     """The per-sample rules: `caption_reason`, then `image_reason`."""
     return caption_reason(caption, cfg, langid) or image_reason(width, height, cfg)
 
 
-def dedup(facts: list[SampleFacts], cfg: FilterConfig) -> dict[str, str | None]:
+def dedup(facts: list[SampleFacts], cfg: FilterSection) -> dict[str, str | None]:
     """Maps each key to `duplicate_url`, `duplicate_exact`, `near_duplicate` or None (kept).
 
     Samples are processed in key order whatever the input order, so the result depends only on the
@@ -238,7 +238,7 @@ def dedup(facts: list[SampleFacts], cfg: FilterConfig) -> dict[str, str | None]:
     return decisions
 
 
-def decide(facts: list[SampleFacts], cfg: FilterConfig, langid: LanguageID) -> dict[str, str | None]:
+def decide(facts: list[SampleFacts], cfg: FilterSection, langid: LanguageID) -> dict[str, str | None]:
     """Maps each sample key to its drop reason, or to None when the sample is kept: the per-sample
     rules first (`sample_reason`), then `dedup` over the survivors."""
     decisions = {f.key: sample_reason(f.caption, f.original_width, f.original_height, cfg, langid) for f in facts}
@@ -250,7 +250,7 @@ def decide(facts: list[SampleFacts], cfg: FilterConfig, langid: LanguageID) -> d
 
 def _duplicate_reason(
     f: SampleFacts,
-    cfg: FilterConfig,
+    cfg: FilterSection,
     seen_urls: set[str],
     seen_exact: set[tuple[str, str]],
     near_index: _NearIndex | None,

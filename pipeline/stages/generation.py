@@ -1,52 +1,18 @@
 """What the generation stages (sample, evaluate) share: the trained models loaded once per pool
-actor, one shard per prompt, and the shard's files written and committed through the ledger."""
+actor, one shard per prompt, the shard's files written into its attempt."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from collections.abc import Sequence
 
 from pipeline import storage
-from pipeline.actor_pool import pool_shape, run_on_pool
-from pipeline.config_generation import GenerationConfig
-from pipeline.ledger import Ledger, ShardRecord
+from pipeline.config.generation import GenerationSection
+from pipeline.engine.ledger import Attempt, Ledger, ShardRecord, ShardResult
+from pipeline.engine.tasks import Placement, ShardTask, pool_placement
+from pipeline.errors import InputError
 from pipeline.models.generator import ImageGenerator, SamplingConfig
-from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.stages.base import RunContext, Stage, torch_device
 from pipeline.stages.train import MODEL_FILES, companions
-
-
-def load_generator(spec: dict[str, Any]) -> ImageGenerator:
-    """The models of one pool actor (spec: model URL, GPUs and CPUs per actor, precision)."""
-    on_gpu = spec["gpus"] > 0 and torch.cuda.is_available()
-    if not on_gpu:
-        torch.set_num_threads(max(1, int(spec["cpus"])))
-    paths = {k: spec[k] for k in ("dvae", "clip", "tokenizer")}
-    return ImageGenerator.load(spec["model"], device="cuda" if on_gpu else "cpu", precision=spec["precision"], **paths)
-
-
-def sampling(payload: dict[str, Any]) -> SamplingConfig:
-    keys = ("temperature", "top_k", "top_p", "batch_size", "seed")
-    return SamplingConfig(**{k: payload[k] for k in keys})
-
-
-def commit_shard(payload: dict[str, Any], files: dict[str, bytes], started: float, **counts: int) -> ShardRecord:
-    """Writes `files` (name -> bytes) to a fresh attempt folder and commits them as the payload's shard."""
-    ledger = Ledger(payload["stage_url"])
-    shard = payload["shard"]
-    attempt = ledger.attempt_dir(shard)
-    for name, data in files.items():
-        storage.write_atomic(storage.join(attempt, name), data)
-    return ledger.commit_files(
-        shard,
-        attempt,
-        list(files),
-        samples_in=payload["candidates"],
-        samples_out=payload["top"],
-        fingerprint=payload["fingerprint"],
-        started=started,
-        counts=counts,
-    )
 
 
 def shard_records(url: str) -> list[tuple[str, dict]]:
@@ -58,8 +24,6 @@ class GenerationStage(Stage):
     """A stage that draws reranked candidates per prompt with the trained transformer."""
 
     upstream = ("train",)
-    shard_fn: str
-    """The per-prompt shard function, "module:function"."""
 
     def model_url(self) -> str:
         url = self.upstream_url("train")
@@ -68,29 +32,26 @@ class GenerationStage(Stage):
             raise InputError(f"{url}: no trained transformer ({', '.join(missing)} missing); run the train stage first")
         return url
 
-    def run_prompts(self, ctx: RunContext, prompts: list[tuple[str, dict[str, Any]]]) -> None:
-        """Runs the (shard, payload) prompts the ledger does not hold yet on the actor pool."""
-        cfg: GenerationConfig = self.cfg
-        done = self.ledger.done()
-        self.write_plan(len(prompts))
-        todo = [(shard, payload) for shard, payload in prompts if shard not in done]
-        ctx.progress.start(self.name, total=len(prompts), done=len(prompts) - len(todo))
-        shape = pool_shape(cfg.actors, cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)
-        keys = ("candidates", "top", "temperature", "top_k", "top_p", "batch_size", "seed")
-        spec = {
-            "load": "pipeline.stages.generation:load_generator",
-            "fn": self.shard_fn,
-            "models": {
-                "model": self.model_url(),
-                **companions(self.recipe, self.output_dir),
-                "gpus": shape[1],
-                "cpus": shape[2],
-                "precision": cfg.precision,
-            },
-            "common": {
-                "stage_url": self.url,
-                "fingerprint": ctx.fingerprint.digest,
-                **{k: getattr(cfg, k) for k in keys},
-            },
-        }
-        run_on_pool(self.ledger, todo, spec, label=self.name, progress=ctx.progress, shape=shape)
+    def sampling(self) -> SamplingConfig:
+        cfg: GenerationSection = self.cfg
+        return SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, cfg.seed)
+
+    def setup(self, placement: Placement) -> None:
+        device = torch_device(placement)
+        paths = companions(self.recipe, self.output_dir)
+        self._generator = ImageGenerator.load(self.model_url(), device=device, precision=self.cfg.precision, **paths)
+
+    def process(self, task: ShardTask, attempt: Attempt) -> ShardResult:
+        self.draw(self._generator, task, attempt)
+        return ShardResult(samples_in=self.cfg.candidates, samples_out=self.cfg.top)
+
+    def draw(self, gen: ImageGenerator, task: ShardTask, attempt: Attempt) -> None:
+        """Draws one prompt's candidates and writes the shard's files into `attempt`."""
+        raise NotImplementedError
+
+    def run_prompts(self, ctx: RunContext, tasks: Sequence[ShardTask]) -> dict[str, ShardRecord]:
+        """Has the pool draw the prompts the ledger does not hold yet."""
+        self.write_plan(len(tasks))
+        cfg: GenerationSection = self.cfg
+        placement = pool_placement(cfg.actors, cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)
+        return self.run_shards(ctx, tasks, placement=placement)

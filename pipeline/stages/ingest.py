@@ -2,8 +2,8 @@
 
 img2dataset does the downloading: each shard task runs img2dataset's `Downloader` on one shard
 of the normalised URL list (the same unit img2dataset's own Ray distributor schedules), writing
-into a temporary folder; the task then moves the tar, parquet and stats to their final names and
-commits the shard in our ledger. That ledger replaces img2dataset's incremental mode, which trusts
+into the shard's attempt folder; the engine then moves the tar, parquet and stats to their final
+names and commits the shard in our ledger. That ledger replaces img2dataset's incremental mode, which trusts
 any `_stats.json` it finds, including those of half-written shards.
 
 Planning normalises the URL lists (or the synthetic set) once into `_input/<shard>.parquet`,
@@ -15,18 +15,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.config import IngestConfig
+from pipeline.config.data import IngestSection
 from pipeline.data.url_lists import inspect_url_lists, read_url_list, shard_table
-from pipeline.executor import ShardTask
-from pipeline.ledger import Ledger, ShardRecord
-from pipeline.schemas import RAW_MANIFEST, validate_table
-from pipeline.stages.base import InputError, RunContext, Stage
+from pipeline.engine.ledger import Attempt, ShardResult
+from pipeline.engine.schemas import RAW_MANIFEST, validate_table
+from pipeline.engine.tasks import ShardTask
+from pipeline.errors import InputError
+from pipeline.stages.base import RunContext, Stage
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def shard_name(shard_id: int, digits: int) -> str:
     return f"{shard_id:0{digits}d}"
 
 
-def _downloader(cfg: IngestConfig, output_folder: str, columns: list[str], digits: int):
+def _downloader(cfg: IngestSection, output_folder: str, columns: list[str], digits: int):
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
@@ -88,23 +89,31 @@ def _downloader(cfg: IngestConfig, output_folder: str, columns: list[str], digit
     )
 
 
-def ingest_shard(payload: dict[str, Any]) -> ShardRecord:
-    """One shard task (runs in a Ray worker): download, check, move into place, commit."""
-    started = time.monotonic()
-    cfg = IngestConfig.model_validate(payload["cfg"])
-    stage_url, shard_id, digits = payload["stage_url"], payload["shard_id"], payload["digits"]
-    name = shard_name(shard_id, digits)
-    ledger = Ledger(stage_url)
-    tmp = ledger.attempt_dir(name)
-    storage.makedirs(tmp)
-    table = storage.read_parquet(payload["input"])
-    feather = storage.join(tmp, "input.feather")
+@dataclass(frozen=True)
+class IngestTask(ShardTask):
+    """Download one shard of the normalised URL list."""
+
+    shard_id: int
+    """img2dataset's shard number (the shard's name is it with `digits` digits)."""
+    digits: int
+    input: str
+    """The shard's rows: `_input/<shard>.parquet`."""
+
+
+def download_shard(cfg: IngestSection, task: IngestTask, attempt: Attempt) -> ShardResult:
+    """Runs img2dataset's downloader on one shard of the URL list into the attempt, and checks
+    that every row is accounted for (a success or exactly one failure reason)."""
+    name = task.shard
+    storage.makedirs(attempt.folder)
+    table = storage.read_parquet(task.input)
+    feather = storage.join(attempt.folder, "input.feather")
     fs, feather_path = storage.get_fs(feather)
     with fs.open(feather_path, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
         writer.write_table(table)
-    _downloader(cfg, tmp, table.column_names, digits).download_shard((shard_id, feather))
+    _downloader(cfg, attempt.folder, table.column_names, task.digits).download_shard((task.shard_id, feather))
+    attempt.adopt(f"{name}.tar", f"{name}.parquet", f"{name}_stats.json")
 
-    manifest = storage.read_parquet(storage.join(tmp, f"{name}.parquet"))
+    manifest = storage.read_parquet(storage.join(attempt.folder, f"{name}.parquet"))
     validate_table(manifest, RAW_MANIFEST, f"ingest shard {name} parquet")
     counts = {reason: 0 for reason in FAILURES}
     successes = 0
@@ -115,17 +124,7 @@ def ingest_shard(payload: dict[str, Any]) -> ShardRecord:
             counts[classify_error(error)] += 1
     if manifest.num_rows != table.num_rows or successes + sum(counts.values()) != table.num_rows:
         raise RuntimeError(f"ingest shard {name}: {table.num_rows} rows in, {manifest.num_rows} accounted for")
-
-    return ledger.commit_files(
-        name,
-        tmp,
-        [f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"],
-        samples_in=table.num_rows,
-        samples_out=successes,
-        fingerprint=payload["fingerprint"],
-        started=started,
-        counts=counts,
-    )
+    return ShardResult(samples_in=table.num_rows, samples_out=successes, counts=counts)
 
 
 class IngestStage(Stage):
@@ -133,7 +132,7 @@ class IngestStage(Stage):
     config_key = "ingest"
 
     def inspect_inputs(self) -> dict[str, Any]:
-        cfg: IngestConfig = self.cfg
+        cfg: IngestSection = self.cfg
         if cfg.synthetic is not None:
             return {}
         return {"url_lists": inspect_url_lists(cfg.url_lists, cfg.url_col, cfg.caption_col, cfg.extra_cols)}
@@ -152,7 +151,7 @@ class IngestStage(Stage):
         return info
 
     def _url_table(self) -> pa.Table:
-        cfg: IngestConfig = self.cfg
+        cfg: IngestSection = self.cfg
         tables = [read_url_list(u, cfg.url_col, cfg.caption_col, cfg.extra_cols) for u in cfg.url_lists]
         return pa.concat_tables(tables)
 
@@ -164,8 +163,8 @@ class IngestStage(Stage):
         if synthetic is None:
             yield info or self._write_input(self._url_table(), {})
             return
-        from pipeline.data.server import LoopbackServer, dead_url
-        from pipeline.data.synthetic import generate, url_list_rows
+        from pipeline.synthetic.dataset import generate, url_list_rows
+        from pipeline.synthetic.server import LoopbackServer, dead_url
 
         dataset = generate(synthetic)
         port = info["port"] if info else synthetic.port
@@ -188,25 +187,23 @@ class IngestStage(Stage):
         finally:
             server.stop()
 
+    def process(self, task: IngestTask, attempt: Attempt) -> ShardResult:
+        return download_shard(self.cfg, task, attempt)
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         with self._source() as info:
             self.write_plan(info["shards"], rows=info["rows"])
             digits = info["digits"]
             tasks = [
-                ShardTask(
+                IngestTask(
                     shard_name(i, digits),
-                    {
-                        "cfg": self.cfg.model_dump(mode="json"),
-                        "stage_url": self.url,
-                        "shard_id": i,
-                        "digits": digits,
-                        "input": self._input_url(f"{shard_name(i, digits)}.parquet"),
-                        "fingerprint": ctx.fingerprint.digest,
-                    },
+                    shard_id=i,
+                    digits=digits,
+                    input=self._input_url(f"{shard_name(i, digits)}.parquet"),
                 )
                 for i in range(info["shards"])
             ]
-            records = self.run_shards(ctx, tasks, ingest_shard, max_retries=self.cfg.max_task_retries)
+            records = self.run_shards(ctx, tasks, retries=self.cfg.max_task_retries)
         counts = {reason: sum(r.counts.get(reason, 0) for r in records.values()) for reason in FAILURES}
         samples_in = sum(r.samples_in for r in records.values())
         samples_out = sum(r.samples_out for r in records.values())

@@ -6,32 +6,22 @@ reranked by CLIP; the best `top` are kept as a grid (`<shard>.png`), as single i
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.data.images import png_bytes, tile
-from pipeline.ledger import ShardRecord
+from pipeline.engine.ledger import Attempt
+from pipeline.engine.tasks import ShardTask
 from pipeline.models.generator import ImageGenerator
 from pipeline.stages.base import RunContext
-from pipeline.stages.generation import GenerationStage, commit_shard, sampling
+from pipeline.stages.generation import GenerationStage
 
 
-def sample_shard(gen: ImageGenerator, payload: dict[str, Any]) -> ShardRecord:
-    """Draws, reranks and commits one prompt's images."""
-    started = time.monotonic()
-    shard, prompt, top = payload["shard"], payload["prompt"], payload["top"]
-    result = gen.generate(prompt, payload["candidates"], sampling(payload))
-    kept = [(int(i), float(result.scores[i]), png_bytes(result.images[i])) for i in result.best(top)]
-    files = {f"{shard}.{rank:02d}.png": png for rank, (_, _, png) in enumerate(kept)}
-    summary = {
-        "prompt": prompt,
-        "candidates": payload["candidates"],
-        "kept": [{"index": i, "score": round(s, 6), "file": f} for (i, s, _), f in zip(kept, files)],
-        "scores": [round(float(s), 6) for s in result.scores],
-    }
-    files[f"{shard}.png"] = png_bytes(tile(result.images[result.best(top)], payload["grid_columns"]))
-    files[f"{shard}.json"] = json.dumps(summary, indent=1).encode()
-    return commit_shard(payload, files, started)
+@dataclass(frozen=True)
+class SampleTask(ShardTask):
+    """One prompt of the recipe's list."""
+
+    prompt: str
 
 
 class SampleStage(GenerationStage):
@@ -42,16 +32,28 @@ class SampleStage(GenerationStage):
     def wandb_project(self) -> str | None:
         return self.cfg.wandb_project or self.recipe.wandb_project
 
-    shard_fn = "pipeline.stages.sample:sample_shard"
+    def draw(self, gen: ImageGenerator, task: SampleTask, attempt: Attempt) -> None:
+        """Draws and reranks one prompt's images."""
+        shard, top = task.shard, self.cfg.top
+        result = gen.generate(task.prompt, self.cfg.candidates, self.sampling())
+        kept = [(int(i), float(result.scores[i]), png_bytes(result.images[i])) for i in result.best(top)]
+        names = [f"{shard}.{rank:02d}.png" for rank in range(len(kept))]
+        for name, (_, _, png) in zip(names, kept):
+            attempt.write(name, png)
+        summary = {
+            "prompt": task.prompt,
+            "candidates": self.cfg.candidates,
+            "kept": [{"index": i, "score": round(s, 6), "file": f} for (i, s, _), f in zip(kept, names)],
+            "scores": [round(float(s), 6) for s in result.scores],
+        }
+        attempt.write(f"{shard}.png", png_bytes(tile(result.images[result.best(top)], self.cfg.grid_columns)))
+        attempt.write(f"{shard}.json", json.dumps(summary, indent=1).encode())
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        prompts = [
-            (f"{i:05d}", {"prompt": p, "grid_columns": self.cfg.grid_columns}) for i, p in enumerate(self.cfg.prompts)
-        ]
-        self.run_prompts(ctx, prompts)
-        records = self.ledger.done()
+        tasks = [SampleTask(f"{i:05d}", p) for i, p in enumerate(self.cfg.prompts)]
+        records = self.run_prompts(ctx, tasks).values()
         return {
-            "shards": len(prompts),
-            "samples_in": sum(r.samples_in for r in records.values()),
-            "samples_out": sum(r.samples_out for r in records.values()),
+            "shards": len(tasks),
+            "samples_in": sum(r.samples_in for r in records),
+            "samples_out": sum(r.samples_out for r in records),
         }

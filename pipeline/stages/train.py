@@ -16,20 +16,17 @@ import torch
 from torch import nn
 
 from pipeline import storage
+from pipeline.config.models import TransformerSection
+from pipeline.config.recipe import Recipe
 from pipeline.data.shards import Sample, npy_load
+from pipeline.engine.ledger import Attempt
+from pipeline.errors import InputError
 from pipeline.models.generator import MODELS_FILE
-from pipeline.models.transformer import (
-    DalleConfig,
-    flops_per_token,
-    largest_layer_params,
-    param_count,
-    preset,
-    save_dalle,
-)
-from pipeline.stages.base import InputError, RunContext
+from pipeline.models.transformer import PRESETS, DalleConfig, flops_per_token, save_dalle
+from pipeline.observe.tracking import read_metrics
+from pipeline.stages.base import RunContext
 from pipeline.stages.clip import clip_path
 from pipeline.stages.model_stage import ModelStage
-from pipeline.tracking import read_metrics
 
 MODEL_FILES = ["model.pt", "config.json"]
 
@@ -87,7 +84,7 @@ class TransformerTask:
         return [*MODEL_FILES, MODELS_FILE]
 
 
-def companions(recipe, output_dir: str) -> dict[str, str]:
+def companions(recipe: Recipe, output_dir: str) -> dict[str, str]:
     """The dVAE, CLIP and tokenizer a run's encoded shards are made with (named in `models.json`)."""
     return {
         "dvae": storage.join(output_dir, "dvae", "dvae.pt"),
@@ -96,32 +93,27 @@ def companions(recipe, output_dir: str) -> dict[str, str]:
     }
 
 
-def model_config(plan: dict[str, Any], transformer) -> DalleConfig:
-    """The model for the encoded shards described by the encode stage's `plan`."""
+def model_config(plan: dict[str, Any], transformer: TransformerSection) -> DalleConfig:
+    """The model for the encoded shards described by the encode stage's `plan`: the preset's
+    sizes unless the section overrides them, the section's other settings, the plan's vocabularies."""
     grid = math.isqrt(plan["image_tokens"])
     if grid * grid != plan["image_tokens"]:
         raise InputError(f"encode plan: {plan['image_tokens']} image tokens per sample is not a square grid")
-    overrides = {k: getattr(transformer, k) for k in ("layers", "heads", "head_dim") if getattr(transformer, k)}
-    fields = (
-        "mlp_ratio",
-        "conv_kernel",
-        "attention",
-        "checkpoint_activations",
-        "text_loss_weight",
-        "image_loss_weight",
-    )
-    return preset(
-        transformer.preset,
-        **overrides,
-        **{k: getattr(transformer, k) for k in fields},
-        text_len=plan["text_len"],
-        text_vocab=plan["text_vocab"],
-        image_grid=grid,
-        image_vocab=plan["image_vocab"],
-    )
+    sizes = {k: v for k, v in PRESETS[transformer.preset].items() if getattr(transformer, k) is None}
+    try:
+        return transformer.build(
+            DalleConfig,
+            **sizes,
+            text_len=plan["text_len"],
+            text_vocab=plan["text_vocab"],
+            image_grid=grid,
+            image_vocab=plan["image_vocab"],
+        )
+    except ValueError as err:
+        raise InputError(f"transformer: {err}") from None
 
 
-def recipe_model_config(recipe) -> DalleConfig:
+def recipe_model_config(recipe: Recipe) -> DalleConfig:
     """The model a recipe trains, from its tokenizer and dVAE settings (before anything ran)."""
     plan = {
         "image_tokens": recipe.dvae.grid**2,
@@ -130,39 +122,6 @@ def recipe_model_config(recipe) -> DalleConfig:
         "text_vocab": recipe.text_tokenizer.vocab_size,
     }
     return model_config(plan, recipe.transformer)
-
-
-def plan_inputs(recipe, gpus: int, gpu_mem_gb: float, gpus_per_node: int):
-    """`dalle plan`'s model shape and request for a recipe's transformer training."""
-    from pipeline.plan import ModelShape, PlanRequest
-
-    cfg, train = recipe_model_config(recipe), recipe.transformer.train
-    shape = ModelShape(
-        params=param_count(cfg),
-        largest_layer_params=largest_layer_params(cfg),
-        layers=cfg.layers,
-        d_model=cfg.d_model,
-        heads=cfg.heads,
-        seq_len=cfg.seq_len,
-        text_len=cfg.text_len,
-        text_classes=cfg.text_vocab + cfg.text_len,
-        image_classes=cfg.image_vocab,
-    )
-    try:
-        request = PlanRequest(
-            gpus=gpus,
-            gpu_mem_gb=gpu_mem_gb,
-            micro_batch=train.batch_size,
-            gpus_per_node=gpus_per_node,
-            precision=train.precision,
-            zero_stage=train.zero_stage,
-            offload_optimizer=train.offload_optimizer,
-            offload_params=train.offload_params,
-            checkpoint_activations=cfg.checkpoint_activations,
-        )
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    return shape, request
 
 
 class TrainStage(ModelStage):
@@ -178,20 +137,21 @@ class TrainStage(ModelStage):
             raise InputError(f"{self.upstream_url('encode')}: no encode plan; run the encode stage first")
         return model_config(plan, self.cfg)
 
-    def build(self, attempt: str, ctx: RunContext) -> tuple[list[str], int]:
+    def build(self, attempt: Attempt, ctx: RunContext) -> int:
         config = {
             "model": self.model_config().to_dict(),
             "eval_batch_size": self.cfg.eval_batch_size,
             "models": companions(self.recipe, self.output_dir),
         }
-        trained = self.train(attempt, ctx, config, self.cfg.holdout)
-        return [*MODEL_FILES, MODELS_FILE], trained
+        trained = self.train(attempt.folder, ctx, config, self.cfg.holdout)
+        attempt.adopt(*MODEL_FILES, MODELS_FILE)
+        return trained
 
-    def score(self, attempt: str) -> tuple[dict[str, float], list[str]]:
+    def score(self, attempt: Attempt) -> dict[str, float]:
         """The held-out losses and throughput of the run's last report (measured by the workers)."""
         lines = read_metrics(storage.join(self.url, "metrics.jsonl"))
         last: dict[str, float] = {}
         for line in lines:
             last.update({k: v for k, v in line.items() if k != "time"})
         keep = ("step", "loss", "text_loss", "image_loss", "tokens_per_s", "samples_per_s", "mfu")
-        return {k: v for k, v in last.items() if k in keep or k.startswith("heldout_")}, []
+        return {k: v for k, v in last.items() if k in keep or k.startswith("heldout_")}

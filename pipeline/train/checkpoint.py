@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
+from pipeline.errors import CheckpointMismatch
 from pipeline.train.weights import DEEPSPEED_TAG
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 STATE = "trainer_state.json"
 TASK = "task.json"
 PREFIX = "checkpoint_"
-
-
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint that cannot be resumed by this run (one line for the user)."""
 
 
 def _files_under(folder: str) -> dict[str, int]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config_models import TrainConfig
+from pipeline.config.models import TrainConfig
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.config_models import TrainConfig
-from pipeline.data.loader import ShardStream, ledger_spans, read_span, split_holdout
+from pipeline.config.models import TrainConfig
+from pipeline.data.loader import ShardStream, read_span, split_holdout
 from pipeline.data.shards import Sample
+from pipeline.engine.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -82,45 +84,70 @@ def _mean_across_ranks(metrics: dict[str, float], device: torch.device) -> dict[
     return dict(zip(keys, values.tolist()))
 
 
-def train_worker(spec: dict[str, Any]) -> None:
-    """Ray Train's `train_loop_per_worker`. `spec`: task, config, train, data_url, holdout,
-    out_url, run_url, name, use_gpu (all plain values, built by `pipeline.train.trainer.fit`)."""
-    on_gpu = bool(spec["use_gpu"]) and torch.cuda.is_available()
+@dataclass(frozen=True)
+class TrainSpec:
+    """What every training worker is given (built by `pipeline.train.trainer.fit`)."""
+
+    task: str
+    """The `TrainTask` as "module:Class"."""
+    config: dict[str, Any]
+    """The task's config, as JSON (the checkpoint keeps it beside the task to rebuild the model)."""
+    train: TrainConfig
+    data_url: str
+    """The stage whose committed shards are trained on."""
+    holdout: int
+    """Samples (the last in shard order) kept out of training for evaluation."""
+    out_url: str
+    """Where rank 0 exports the final weights."""
+    run_url: str
+    """The trained stage's folder (its `_train/` run, metrics and W&B files)."""
+    name: str
+    """The W&B run's name."""
+    use_gpu: bool
+
+    def tracked(self) -> dict[str, Any]:
+        """The spec as the W&B run's config."""
+        return {**asdict(self), "train": self.train.model_dump(mode="json")}
+
+
+def train_worker(spec: TrainSpec) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    on_gpu = spec.use_gpu and torch.cuda.is_available()
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     import ray.train
     import ray.train.torch
 
-    from pipeline.tracking import Tracker, new_run_id
+    from pipeline.observe.tracking import Tracker, new_run_id
     from pipeline.train import checkpoint, throughput
     from pipeline.train.ema import EMA
     from pipeline.train.engine import autocast_dtype, build_engine, loss_scale, set_lr
+    from pipeline.train.paths import progress_url, run_storage, sample_keys_url
     from pipeline.train.schedules import learning_rate
-    from pipeline.train.trainer import progress_url, run_storage, sample_keys_url
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = TrainConfig.model_validate(spec["train"])
+    cfg = spec.train
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     dtype = autocast_dtype(cfg, on_gpu)
-    task = load_task(spec["task"], spec["config"])
+    task = load_task(spec.task, spec.config)
 
     torch.manual_seed(cfg.seed)
     engine = build_engine(task.build_model(), cfg, world, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay, rank, world) if cfg.ema_decay is not None else None
     fresh = {"step": 0, "run_id": new_run_id(), "world": world}
-    state = checkpoint.load(engine, ema, world, run_storage(spec["run_url"])) or fresh
+    state = checkpoint.load(engine, ema, world, run_storage(spec.run_url)) or fresh
     step = state["step"]
 
     tracker = None
     if rank == 0:
         tracker = Tracker(
-            spec["run_url"], run_id=state["run_id"], name=spec["name"], project=cfg.wandb_project, config=spec
+            spec.run_url, run_id=state["run_id"], name=spec.name, project=cfg.wandb_project, config=spec.tracked()
         )
         tracker.truncate(step)
         if step:
             tracker.log({"resumed_from": step}, step)
-    train_spans, held_spans = split_holdout(ledger_spans(spec["data_url"]), spec["holdout"])
+    train_spans, held_spans = split_holdout(Ledger(spec.data_url).spans(), spec.holdout)
     stream = ShardStream(train_spans, rank=rank, world=world, seed=cfg.seed, decode=KeyedDecode(task))
     held = [task.decode(s) for span in held_spans for s in read_span(span)]
     per_step = cfg.batch_size * cfg.grad_accum
@@ -128,7 +155,7 @@ def train_worker(spec: dict[str, Any]) -> None:
     if step:
         log.info("rank %d resumes at step %d (sample %d)", rank, step, step * per_step)
     peak = throughput.peak_flops(device, cfg.precision if on_gpu else "fp32")
-    keys_url = sample_keys_url(spec["run_url"], rank)
+    keys_url = sample_keys_url(spec.run_url, rank)
 
     window: list[dict[str, float]] = []
     keys: list[list[str]] = []
@@ -172,7 +199,7 @@ def train_worker(spec: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.log(metrics, step)
                 progress = {"step": step, "steps": cfg.steps, "samples_per_s": samples_per_s}
-                storage.write_json(progress_url(spec["run_url"]), progress)
+                storage.write_json(progress_url(spec.run_url), progress)
         if step % cfg.checkpoint_every == 0 or last:
             if ema is not None:
                 ema_model, ema_step = _whole_model(engine, ema, task), step
@@ -185,12 +212,12 @@ def train_worker(spec: dict[str, Any]) -> None:
                 storage.write_json(storage.join(keys_url, f"{step:08d}.json"), {"last_step": step, "keys": keys})
             keys = []
             state = {**state, "step": step, "samples_per_rank": step * per_step}
-            task_spec = {"task": spec["task"], "config": spec["config"]}
+            task_spec = {"task": spec.task, "config": spec.config}
             checkpoint.save(engine, ema, state, task_spec, {"step": step}, rank)
 
     model = ema_model if ema_step == step else _whole_model(engine, ema, task)
     if rank == 0:
-        task.export(model, spec["out_url"])
+        task.export(model, spec.out_url)
         tracker.finish()
 
 

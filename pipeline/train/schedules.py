@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config_models import TrainConfig
+from pipeline.config.models import TrainConfig
 
 
 def cosine(start: float, end: float, step: int, steps: int) -> float:

@@ -14,9 +14,12 @@ from typing import Any
 import ray
 
 from pipeline import storage
-from pipeline.config_models import TrainConfig
-from pipeline.executor import StageFailed
-from pipeline.progress import StageProgress
+from pipeline.config.models import TrainConfig
+from pipeline.errors import CheckpointMismatch, StageFailed, one_line
+from pipeline.observe.progress import StageProgress
+from pipeline.train.checkpoint import resumable
+from pipeline.train.loop import TrainSpec, train_worker
+from pipeline.train.paths import progress_url, run_storage, train_storage
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +31,12 @@ def wants_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def train_storage(stage_url: str) -> str:
-    return storage.join(stage_url, "_train")
-
-
-def run_storage(stage_url: str) -> str:
-    """Ray Train's run folder (its checkpoints) for a stage."""
-    return storage.join(train_storage(stage_url), "run")
-
-
 def _worker_errors(err: Exception) -> str:
+    """The first failed rank's error in one line (Ray Train's errors carry each rank's)."""
     failures = getattr(err, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
-        lines = [ln for ln in str(failure).splitlines() if ln.strip()]
-        return f"rank {rank}: {lines[-1] if lines else type(failure).__name__}"
-    lines = [ln for ln in str(err).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
+        return f"rank {rank}: {one_line(failure)}"
+    return one_line(err)
 
 
 def fit(
@@ -64,26 +57,24 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train.checkpoint import CheckpointMismatch, resumable
-
     try:  # refuse a resume with another world size here, not deep inside DeepSpeed
         resumable(run_storage(stage_url), cfg.workers)
     except CheckpointMismatch as err:
         raise StageFailed(f"stage '{label}': {err}") from None
     use_gpu = wants_gpu(cfg)
-    spec = {
-        "task": task,
-        "config": config,
-        "train": cfg.model_dump(mode="json"),
-        "data_url": data_url,
-        "holdout": holdout,
-        "out_url": out_url,
-        "run_url": stage_url,
-        "name": name,
-        "use_gpu": use_gpu,
-    }
+    spec = TrainSpec(
+        task=task,
+        config=config,
+        train=cfg,
+        data_url=data_url,
+        holdout=holdout,
+        out_url=out_url,
+        run_url=stage_url,
+        name=name,
+        use_gpu=use_gpu,
+    )
     trainer = TorchTrainer(
-        _train_worker,
+        train_worker,
         train_loop_config=spec,
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
@@ -118,19 +109,3 @@ def fit(
         raise StageFailed(f"stage '{label}': training failed: {_worker_errors(outcome['error'])}") from None
     if progress is not None:
         progress.finish(label)
-
-
-def progress_url(stage_url: str) -> str:
-    """Where rank 0 writes its latest step (read by the driver's progress bar and `dalle status`)."""
-    return storage.join(train_storage(stage_url), "progress.json")
-
-
-def sample_keys_url(stage_url: str, rank: int) -> str:
-    """Where rank `rank` records the keys it trained on (`train.log_sample_keys`)."""
-    return storage.join(train_storage(stage_url), "sample_keys", f"rank_{rank:05d}")
-
-
-def _train_worker(spec: dict[str, Any]) -> None:
-    from pipeline.train.loop import train_worker
-
-    train_worker(spec)

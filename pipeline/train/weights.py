@@ -16,14 +16,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.errors import WeightsError
 from pipeline.train.ema import EMA, merge_shards
 
 Weights = Literal["ema", "model"]
 DEEPSPEED_TAG = "deepspeed"
-
-
-class WeightsError(RuntimeError):
-    """Weights that cannot be consolidated (one line for the user)."""
 
 
 def live_state(engine, ema: EMA | None) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,37 @@
+"""The driver's connection to Ray: a Ray of its own on this machine, or the cluster at an address."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from pipeline.cluster.client import local_output_problem
+from pipeline.config.recipe import Recipe
+from pipeline.errors import InputError
+
+# Environment of every Ray worker: img2dataset imports albumentations, whose import-time update
+# check would reach for the network.
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> None:
+    """Connects to `address` (or the recipe's), else starts a local Ray in this process.
+
+    Worker output is not echoed unless `worker_logs`: task failures reach the user as one line
+    each from the executor, and the full logs stay in Ray's session folder."""
+    if ray.is_initialized():
+        return
+    address = address or recipe.ray.address
+    common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
+    if not address:
+        # Ray 2.60 warns on every local start that it turned token authentication on; it is on,
+        # and the warning is noise in every `dalle run`
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
+        return
+    ray.init(address=address, **common)
+    problem = local_output_problem(recipe, sum(1 for n in ray.nodes() if n["Alive"]), address)
+    if problem:
+        ray.shutdown()
+        raise InputError(problem)

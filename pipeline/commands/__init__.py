@@ -1,0 +1,1 @@
+"""The one-shot commands: `dalle export`, `sample`, `plan` and `validate`."""

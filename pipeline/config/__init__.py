@@ -1,0 +1,1 @@
+"""The recipe: a typed, frozen section per stage, YAML in, `key=value` overrides."""

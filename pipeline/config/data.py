@@ -1,0 +1,138 @@
+"""Recipe sections of the data stages (ingest, filter, text-tokenizer) and the synthetic dataset's config."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import Config
+
+
+class SyntheticConfig(Config):
+    """The embedded captioned-shapes dataset, served over a loopback HTTP server."""
+
+    count: int = Field(400, ge=10, le=1_000_000)
+    """Number of clean rendered image-caption pairs (the crawl defects are added on top)."""
+    seed: int = 0
+    """Seed for everything random in the dataset; the same seed gives the same bytes."""
+    image_size: int = Field(96, ge=32, le=1024)
+    """Side in pixels of the rendered (square) images before ingest resizes them."""
+    two_object_fraction: float = Field(0.4, ge=0.0, le=1.0)
+    """Fraction of clean samples that show two objects and a relation between them."""
+    defect_fraction: float = Field(0.25, ge=0.0, le=2.0)
+    """Number of crawl-defect rows (dead hosts, 404s, duplicates, bad captions...) per clean row."""
+    heldout_pairs: int = Field(3, ge=0, le=20)
+    """Number of (colour, shape) combinations never shown in the training data, kept for evaluation."""
+    latency_ms: float = Field(0.0, ge=0, le=10_000)
+    """Delay the server adds to every answer, to mimic slow hosts (tests, benchmarks)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Loopback port of the server; 0 picks a free one (kept in the source folder for resumes)."""
+
+
+class IngestSection(Config):
+    """Download URL lists into raw webdataset shards with img2dataset."""
+
+    url_lists: tuple[str, ...] = ()
+    """URL list files (parquet, csv or tsv; local paths or fsspec URLs). Empty when `synthetic` is set."""
+    url_col: str = "url"
+    """Column holding the image URL in the URL lists."""
+    caption_col: str = "caption"
+    """Column holding the caption in the URL lists."""
+    extra_cols: tuple[str, ...] = ()
+    """More URL-list columns to keep in each sample's json (e.g. `license`)."""
+    synthetic: SyntheticConfig | None = None
+    """Generate and serve the synthetic dataset instead of reading `url_lists`."""
+    image_size: int = Field(256, ge=8, le=4096)
+    """Side in pixels of the stored images."""
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
+    """img2dataset resize mode."""
+    encode_quality: int = Field(95, ge=1, le=100)
+    """JPEG quality of the stored images."""
+    shard_size: int = Field(10_000, ge=1, le=1_000_000)
+    """URL-list rows per shard (one shard task each)."""
+    threads: int = Field(64, ge=1, le=1024)
+    """Download threads per shard task."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Per-URL download timeout in seconds."""
+    retries: int = Field(0, ge=0, le=10)
+    """Download retries per URL."""
+    max_task_retries: int = Field(2, ge=0, le=100)
+    """Times a failed shard task is retried before the stage fails."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IngestSection:
+        if self.synthetic is None and not self.url_lists:
+            raise ValueError("give either url_lists or synthetic")
+        if self.synthetic is not None and self.url_lists:
+            raise ValueError("give url_lists or synthetic, not both")
+        return self
+
+
+DEFAULT_BOILERPLATE = (
+    r"^\s*(img|dsc|dscn|dcim|pxl|image|photo|p)[-_ ]?\d+(\.\w{2,4})?\s*$",
+    r"\.(jpe?g|png|gif|webp|bmp|tiff?)\s*$",
+    r"\b(photographed|taken|captured|uploaded|posted) on \d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b",
+    r"^\s*(untitled|no caption|image|photo|picture|stock photo|thumbnail)\s*$",
+    r"\bstock (photo|image|illustration)\b",
+)
+
+
+class FilterSection(Config):
+    """The paper's caption and image rules, dedup, and re-sharding of the survivors."""
+
+    min_caption_words: int = Field(3, ge=0)
+    """Captions with fewer words are dropped (`caption_too_short`; empty ones are `caption_empty`)."""
+    max_caption_words: int = Field(200, ge=1)
+    """Captions with more words are dropped (`caption_too_long`)."""
+    languages: tuple[str, ...] = ("en",)
+    """ISO 639-1 codes kept by the language identifier (py3langid); empty keeps every language."""
+    min_language_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    """A caption is dropped as `non_english` only when another language wins with this probability."""
+    boilerplate_patterns: tuple[str, ...] = DEFAULT_BOILERPLATE
+    """Case-insensitive regexes; a caption matching any is dropped (`boilerplate`)."""
+    min_aspect_ratio: float = Field(0.5, gt=0)
+    """Original width/height below this is dropped (`aspect_ratio`); the paper keeps [1/2, 2]."""
+    max_aspect_ratio: float = Field(2.0, gt=0)
+    """Original width/height above this is dropped (`aspect_ratio`)."""
+    min_image_size: int = Field(64, ge=0)
+    """Images whose original shorter side is below this are dropped (`low_resolution`)."""
+    dedup_url: bool = True
+    """Drop later samples with an already seen URL (`duplicate_url`)."""
+    dedup_exact: bool = True
+    """Drop later samples with the same caption and original image bytes (`duplicate_exact`)."""
+    near_duplicate_distance: int | None = Field(4, ge=0, le=32)
+    """Hamming distance of 64-bit perceptual hashes at or below which an image is a near duplicate
+    of an earlier kept one (`near_duplicate`); null turns the check off."""
+    shard_size: int = Field(10_000, ge=1, le=1_000_000)
+    """Samples per filtered shard (the last one may be smaller)."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> FilterSection:
+        if self.min_aspect_ratio > self.max_aspect_ratio:
+            raise ValueError("min_aspect_ratio is above max_aspect_ratio")
+        if self.min_caption_words > self.max_caption_words:
+            raise ValueError("min_caption_words is above max_caption_words")
+
+        for pattern in self.boilerplate_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"boilerplate pattern {pattern!r} is not a regex: {err}") from None
+        return self
+
+
+class TextTokenizerSection(Config):
+    """BPE tokenizer trained on the filtered captions (HF `tokenizers`)."""
+
+    vocab_size: int = Field(16384, ge=64, le=1_000_000)
+    """Target vocabulary size (the paper: 16384); a small corpus may stop below it."""
+    text_len: int = Field(256, ge=1, le=4096)
+    """Text positions per caption (the paper: 256); longer captions are truncated."""
+    lowercase: bool = True
+    """Lowercase captions before tokenizing (the paper does)."""
+    bpe_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """BPE dropout used when encoding for training (the paper: 0.1); 0 at evaluation."""
+    min_frequency: int = Field(2, ge=1)
+    """A pair must occur this often to become a merge."""

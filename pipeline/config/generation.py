@@ -1,0 +1,84 @@
+"""Recipe sections of the generation stages: `sample` (images for a prompt list) and `evaluate`
+(generated images checked against the synthetic data's ground truth)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import Config
+
+
+class GenerationSection(Config):
+    """How candidates are drawn, reranked and where the models run (shared by sample and evaluate)."""
+
+    execution_only = frozenset({"actors", "wandb_project"})
+
+    candidates: int = Field(512, ge=1, le=65536)
+    """Images drawn per prompt (the paper: 512)."""
+    top: int = Field(32, ge=1)
+    """Candidates kept per prompt after CLIP reranking (the paper: 32)."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature of the image-token distribution."""
+    top_k: int | None = Field(None, ge=1)
+    """Sample only among the k most probable tokens; null: all."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Sample only from the smallest set of tokens holding this probability mass; null: all."""
+    batch_size: int = Field(64, ge=1)
+    """Candidates decoded together (the seeds of a prompt's candidates depend on it)."""
+    seed: int = 0
+    """Seed of the candidates: the same seed, prompt and batch size give the same images."""
+    actors: int | None = Field(None, ge=1)
+    """Actors holding the models; null: one per GPU, else one per task CPU."""
+    gpus_per_actor: float | None = Field(None, ge=0)
+    """GPUs per actor; null: 1 when the cluster has GPUs, else 0."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Inference precision; auto is bf16 on GPU and fp32 on CPU."""
+    wandb_project: str | None = None
+    """W&B project of the stage's run; null logs offline under the stage folder."""
+
+    @model_validator(mode="after")
+    def _top(self) -> GenerationSection:
+        if self.top > self.candidates:
+            raise ValueError(f"top {self.top} is above candidates {self.candidates}")
+        return self
+
+
+class SampleSection(GenerationSection):
+    """The `sample` stage: a reranked grid and the single images with their scores per prompt."""
+
+    prompts: tuple[str, ...] = Field(min_length=1)
+    """Captions to draw images for (one shard each)."""
+    grid_columns: int = Field(8, ge=1)
+    """Columns of each prompt's grid of kept images."""
+
+
+class EvaluateSection(GenerationSection):
+    """The `evaluate` stage: prompts built from the synthetic vocabulary, images read back by the
+    analyzer, per-attribute and whole-caption accuracy before and after CLIP reranking."""
+
+    candidates: int = Field(64, ge=1, le=65536)
+    """Images drawn per prompt."""
+    top: int = Field(4, ge=1)
+    """Candidates kept per prompt after reranking; "after reranking" figures are over these."""
+    seen_one: int = Field(40, ge=0)
+    """One-object prompts whose colour-shape pair was in the training data."""
+    heldout_one: int = Field(20, ge=0)
+    """One-object prompts whose colour-shape pair was held out of the training data."""
+    seen_two: int = Field(20, ge=0)
+    """Two-object prompts made of seen pairs."""
+    heldout_two: int = Field(10, ge=0)
+    """Two-object prompts with one held-out pair."""
+    paraphrased: int = Field(20, ge=0)
+    """Seen one-object scenes captioned with the training data's other templates."""
+    prompt_seed: int = 0
+    """Seed of the prompt set (which scenes, which phrasings)."""
+    grid_prompts: int = Field(8, ge=0)
+    """Prompts per group shown as grids in the report."""
+
+    @model_validator(mode="after")
+    def _some(self) -> EvaluateSection:
+        if not (self.seen_one + self.heldout_one + self.seen_two + self.heldout_two + self.paraphrased):
+            raise ValueError("the prompt set is empty: every group count is 0")
+        return self

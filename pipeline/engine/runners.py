@@ -1,0 +1,121 @@
+"""The two ways `pipeline.engine.executor.run_shards` runs shard tasks on Ray. Each yields
+(shard, its committed record) or (shard, the one-line error it gave up with), and tries every
+shard up to 1 + `retries` times: Ray retries a task (on any error, or a lost worker), a pool
+actor retries a shard in place, and Ray Data restarts an actor that died.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator, Sequence
+
+import ray
+
+from pipeline.engine.ledger import ShardRecord
+from pipeline.engine.tasks import Placement, ShardTask, ShardWorker, make_shard
+from pipeline.errors import StageFailed, one_line
+
+Outcome = tuple[str, ShardRecord | str]
+
+
+def _task(
+    worker: ShardWorker, placement: Placement, ledger_root: str, task: ShardTask, fingerprint: str
+) -> ShardRecord:
+    worker.setup(placement)
+    return make_shard(worker, ledger_root, task, fingerprint)
+
+
+def on_tasks(
+    worker: ShardWorker,
+    ledger_root: str,
+    todo: Sequence[ShardTask],
+    fingerprint: str,
+    retries: int,
+    placement: Placement,
+) -> Iterator[Outcome]:
+    """One Ray task per shard, at most about two per CPU in flight (the driver holds only those)."""
+    remote = ray.remote(_task).options(
+        num_cpus=placement.cpus, num_gpus=placement.gpus, max_retries=retries, retry_exceptions=True
+    )
+    window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1) / placement.cpus))
+    worker_ref = ray.put(worker)
+    queue = list(reversed(todo))
+    pending: dict[ray.ObjectRef, ShardTask] = {}
+    while queue or pending:
+        while queue and len(pending) < window:
+            task = queue.pop()
+            pending[remote.remote(worker_ref, placement, ledger_root, task, fingerprint)] = task
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in ready:
+            task = pending.pop(ref)
+            try:
+                yield task.shard, ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a remote failure, summarised for the user
+                yield task.shard, one_line(err)
+
+
+class _PoolActor:
+    """A pool actor: sets its worker up once, then makes every shard it is handed."""
+
+    def __init__(self, worker: ShardWorker, placement: Placement, ledger_root: str, fingerprint: str, retries: int):
+        worker.setup(placement)
+        self.worker, self.ledger_root, self.fingerprint, self.retries = worker, ledger_root, fingerprint, retries
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"shard": [], "record": [], "error": []}
+        for shard, blob in zip(batch["shard"], batch["task"]):
+            task, record, error = pickle.loads(blob), "", ""
+            for _ in range(self.retries + 1):
+                try:
+                    made = make_shard(self.worker, self.ledger_root, task, self.fingerprint)
+                    record, error = pickle.dumps(made), ""
+                    break
+                except Exception as err:  # noqa: BLE001 - tried again, then recorded by the driver
+                    error = one_line(err)
+            out["shard"].append(str(shard))
+            out["record"].append(record)
+            out["error"].append(error)
+        return out
+
+
+def on_pool(
+    worker: ShardWorker,
+    ledger_root: str,
+    todo: Sequence[ShardTask],
+    fingerprint: str,
+    retries: int,
+    placement: Placement,
+) -> Iterator[Outcome]:
+    """The shards stream through a Ray Data `ActorPoolStrategy` pool of `placement.actors` actors
+    (no more than there are shards); raises StageFailed when the pool itself cannot run (actors
+    that cannot load their models)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    items = [{"shard": task.shard, "task": pickle.dumps(task)} for task in todo]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _PoolActor,
+        fn_constructor_kwargs={
+            "worker": worker,
+            "placement": placement,
+            "ledger_root": ledger_root,
+            "fingerprint": fingerprint,
+            "retries": retries,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(placement.actors or 1, len(todo))),
+        num_gpus=placement.gpus,
+        num_cpus=placement.cpus,
+        max_restarts=retries,
+        max_task_retries=retries,
+    )
+    try:
+        for row in dataset.iter_rows():
+            if row["error"]:
+                yield row["shard"], row["error"]
+            else:
+                yield row["shard"], pickle.loads(row["record"])
+    except Exception as err:  # noqa: BLE001 - e.g. actors that cannot load their models
+        raise StageFailed(one_line(err)) from None

@@ -1,0 +1,1 @@
+"""The embedded captioned-shapes dataset: rendering, its loopback server, the analyzer, prompt sets."""

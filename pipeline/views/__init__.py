@@ -1,0 +1,1 @@
+"""What people read: `report.html`, the live dashboard and the terminal tables."""
