@@ -20,13 +20,13 @@ from helpers import TINY, compare_stage, dalle, free_port, kill_run_when, recipe
 from pipeline.config.models import DVAESection
 from pipeline.data.images import decode_rgb, to_tensor
 from pipeline.data.shards import iter_samples, npy_load
-from pipeline.engine.ledger import Ledger
+from pipeline.engine.ledger import Attempt, Ledger
 from pipeline.models.bpe import TextTokenizer
 from pipeline.models.clip import load_clip
 from pipeline.models.dvae import load_dvae
 from pipeline.observe.tracking import read_metrics
 from pipeline.stages.dvae import schedules
-from pipeline.stages.encode_shard import Encoders, encode_shard
+from pipeline.stages.encode_shard import Encoders, EncodeTask, encode_shard
 
 pytestmark = pytest.mark.slow
 
@@ -108,26 +108,17 @@ def test_clip_threshold_drops_exactly_the_pairs_below_it(tmp_path, run):
     reference = pq.read_table(out / "encode" / f"{shard}.parquet").to_pylist()
     sims = {r["key"]: r["clip_similarity"] for r in reference}
     threshold = float(np.median(list(sims.values())))
-    spec = {
-        "dvae": str(out / "dvae" / "dvae.pt"),
-        "clip": str(out / "clip" / "model"),
-        "tokenizer": str(out / "text-tokenizer" / "tokenizer.json"),
-        "text_len": data["text_tokenizer"]["text_len"],
-        "batch_size": 32,
-        "precision": "auto",
-        "gpus": 0,
-        "cpus": 1,
-    }
-    payload = {
-        "stage_url": str(tmp_path / "encode"),
-        "threshold": threshold,
-        "fingerprint": "test",
-        "shard": shard,
-        "url": str(out / "filter" / record.files[0]),
-        "manifest": str(out / "filter" / record.files[1]),
-        "count": record.samples_out,
-    }
-    result = encode_shard(Encoders.load(spec), payload)
+    models = Encoders.load(
+        dvae=str(out / "dvae" / "dvae.pt"),
+        clip=str(out / "clip" / "model"),
+        tokenizer=str(out / "text-tokenizer" / "tokenizer.json"),
+        text_len=data["text_tokenizer"]["text_len"],
+        batch_size=32,
+    )
+    filtered = [str(out / "filter" / f) for f in record.files]
+    task = EncodeTask(shard, url=filtered[0], manifest=filtered[1], count=record.samples_out)
+    attempt = Attempt(Ledger(str(tmp_path / "encode")), shard, "test")
+    result = attempt.commit(encode_shard(models, task, attempt, threshold))
     kept = pq.read_table(tmp_path / "encode" / f"{shard}.parquet").to_pylist()
     assert [r["key"] for r in kept] == [k for k, v in sims.items() if v >= threshold]
     below = sum(1 for v in sims.values() if v < threshold)

@@ -1,4 +1,4 @@
-"""`pipeline.plan` on a hand-built 12B DALL·E shape: ZeRO-2/3 numbers are DeepSpeed's own, the options order as
+"""`pipeline.commands.plan` on a hand-built 12B DALL·E shape: ZeRO-2/3 numbers are DeepSpeed's own, the options order as
 ZeRO says they should, the verdicts are right at the two ends, and activations behave as Korthikanti et al. model."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The data contracts between stages, as versioned pyarrow schemas.
 
-`python -m pipeline.schemas schemas/` renders them to JSON under `schemas/` (checked in; a test
+`python -m pipeline.engine.schemas schemas/` renders them to JSON under `schemas/` (checked in; a test
 keeps the two in sync). Stages validate what they write against these before committing.
 """
 

@@ -1,6 +1,6 @@
 """Progress of a run's stages: a rich progress bar per stage (shards done/total and samples/s),
-the same figures as named Ray metrics (`pipeline.metrics`) when given a `StageMetrics`, and the
-W&B runs of the stages that do not train (`pipeline.stage_runs`) when given a `StageRuns`."""
+the same figures as named Ray metrics (`pipeline.observe.metrics`) when given a `StageMetrics`, and the
+W&B runs of the stages that do not train (`pipeline.observe.stage_runs`) when given a `StageRuns`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Reads the synthetic shapes back out of an image, to score generated images against their captions.
 
-`analyze` segments the palette-coloured objects from the dark background of `pipeline.data.synthetic`
+`analyze` segments the palette-coloured objects from the dark background of `pipeline.synthetic.dataset`
 renders and recovers each one's colour, shape, size and position from the pixels alone; `relation`
 describes one found object relative to another; `score` says, per attribute, whether what was found
 matches a caption's ground truth. Deterministic and pure numpy, so the same image always scores the same.

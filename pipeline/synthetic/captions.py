@@ -1,8 +1,8 @@
 """The caption side of the synthetic dataset: attribute vocabulary and caption templates.
 
 The attribute constants (colours, shapes, sizes, positions, relations) are what both the
-renderer in `pipeline.data.synthetic` and the captions here speak about; they live here and
-`pipeline.data.synthetic` re-exports them. English captions come from paraphrased templates;
+renderer in `pipeline.synthetic.dataset` and the captions here speak about; they live here and
+`pipeline.synthetic.dataset` re-exports them. English captions come from paraphrased templates;
 the foreign and boilerplate captions are the defects a correct pipeline filters out.
 """
 

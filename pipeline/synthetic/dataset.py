@@ -1,10 +1,10 @@
 """The embedded captioned-shapes dataset: what the pipeline trains on when no crawl is at hand.
 
 Rendered images of one or two coloured shapes, captions from paraphrased templates (in
-`pipeline.data.captions`, which also holds the attribute vocabulary re-exported here), and the
+`pipeline.synthetic.captions`, which also holds the attribute vocabulary re-exported here), and the
 defects a real web crawl has (dead hosts, HTTP errors, non-images, truncated files, odd sizes,
 duplicates, foreign or boilerplate captions). Every row says in `expect` what a correct pipeline
-does with it. Pure: `generate` returns rows and file bodies; `pipeline.data.server` serves them.
+does with it. Pure: `generate` returns rows and file bodies; `pipeline.synthetic.server` serves them.
 """
 
 from __future__ import annotations
