@@ -74,16 +74,17 @@ class WeightsError(RunError):
     """Weights that cannot be consolidated into the model (missing or unknown tensors)."""
 
 
-def one_line(err: BaseException) -> str:
-    """`Type: message` of an error in one line, for users and failure records.
+def one_line(err: BaseException, typed: bool = True) -> str:
+    """An error in one line, for users and failure records: `Type: message` (just the message
+    when not `typed`, as the cause inside a sentence that already says what failed).
 
     A Ray task error stands for the exception raised in the worker (its `cause`); a message that
     is a whole traceback (Ray Train's worker failures) is summarised by its last line, which names
-    the exception; any other message by its first line."""
+    the exception; any other message by its first line. An empty message is the type's name."""
     cause = getattr(err, "cause", None) or err
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     if not lines:
         return type(cause).__name__
     if any(ln.startswith(TRACEBACK) for ln in lines):
         return lines[-1]
-    return f"{type(cause).__name__}: {lines[0]}"
+    return f"{type(cause).__name__}: {lines[0]}" if typed else lines[0]

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config.recipe import Recipe
-from pipeline.errors import ClusterError
+from pipeline.errors import ClusterError, one_line
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,11 @@ def connect(address: str):
             raise ClusterError(
                 f"the cluster at {address} refused the token from {token.source}: it is not this cluster's token"
             ) from None
-        raise ClusterError(f"the cluster at {address} refused us: {str(err).splitlines()[0]}") from None
+        raise ClusterError(f"the cluster at {address} refused us: {one_line(err, typed=False)}") from None
     except ConnectionError:
         raise ClusterError(f"cannot reach the Ray dashboard at {address}: is it a Ray dashboard?") from None
     except RuntimeError as err:
-        raise ClusterError(f"the Ray dashboard at {address} answered: {str(err).splitlines()[0]}") from None
+        raise ClusterError(f"the Ray dashboard at {address} answered: {one_line(err, typed=False)}") from None
 
 
 def get_json(client, endpoint: str) -> Any:

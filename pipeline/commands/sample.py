@@ -18,7 +18,7 @@ from PIL import UnidentifiedImageError
 
 from pipeline import storage
 from pipeline.data.images import decode_rgb, png_bytes, tile
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.models.generator import ImageGenerator, SamplingConfig
 
 
@@ -32,7 +32,7 @@ def _load(model: str, **paths: str) -> ImageGenerator:
     try:
         return ImageGenerator.load(url, **paths)
     except (FileNotFoundError, ValueError) as err:
-        raise InputError(str(err).splitlines()[0]) from None
+        raise InputError(one_line(err, typed=False)) from None
 
 
 def _image(path: str, size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from pipeline.engine.schemas import (
     RAW_MEMBERS,
     validate_table,
 )
-from pipeline.errors import InputError, SchemaError
+from pipeline.errors import InputError, SchemaError, one_line
 
 KINDS = {
     "ingest": (RAW_MEMBERS, RAW_MANIFEST),
@@ -128,7 +128,7 @@ def check_shard(stage_url: str, stage: str, record: ShardRecord, plan: dict[str,
                 for problem in _array_problems(sample, plan):
                     report.add(name, f"key {key}: {problem}")
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt tar is a finding, not a crash
-        report.add(name, f"{record.files[0]}: unreadable: {str(err).splitlines()[0]}")
+        report.add(name, f"{record.files[0]}: unreadable: {one_line(err, typed=False)}")
         return
     report.samples += len(keys)
     if len(keys) != record.samples_out:

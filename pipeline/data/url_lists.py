@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".csv.gz": "csv", ".tsv.gz": "tsv"}
 
@@ -43,8 +43,7 @@ def _read(url: str) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as err:
         if "Empty CSV file" in str(err):
             raise InputError(f"ingest.url_lists: {url}: no rows") from None
-        first = str(err).splitlines()[0]
-        raise InputError(f"ingest.url_lists: {url}: cannot read as {fmt}: {first}") from None
+        raise InputError(f"ingest.url_lists: {url}: cannot read as {fmt}: {one_line(err, typed=False)}") from None
 
 
 def read_url_list(url: str, url_col: str, caption_col: str, extra_cols: tuple[str, ...] = ()) -> pa.Table:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import storage
+from pipeline.errors import one_line
 
 LOGIT_LAPLACE_EPS = 0.1
 FORMAT = "dalle-pipeline-dvae"
@@ -268,11 +269,6 @@ class DVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(out[:, : out.shape[1] // 2]))
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def save_dvae(model: DVAE, url: str) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
@@ -286,7 +282,7 @@ def load_dvae(url: str, map_location: Any = "cpu") -> DVAE:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ValueError(f"{url}: not a dVAE file ({first_line(e)})") from None
+        raise ValueError(f"{url}: not a dVAE file ({one_line(e, typed=False)})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{url}: not a dVAE file (no '{FORMAT}' format tag)")
     if blob.get("version") != 1:
@@ -298,5 +294,5 @@ def load_dvae(url: str, map_location: Any = "cpu") -> DVAE:
     try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"{url}: weights do not fit the config ({first_line(e)})") from None
+        raise ValueError(f"{url}: weights do not fit the config ({one_line(e, typed=False)})") from None
     return model

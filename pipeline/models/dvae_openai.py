@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.models.dvae import DVAE, DVAEConfig, first_line
+from pipeline.errors import one_line
+from pipeline.models.dvae import DVAE, DVAEConfig
 
 
 class _PickledDallE(nn.Module):
@@ -75,7 +76,7 @@ def _load_pickled_dall_e(path: str, kind: str) -> tuple[dict[str, Any], dict[str
             warnings.simplefilter("ignore")  # legacy-format pickles warn that class sources differ
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_allowlist_pickle)
     except Exception as e:
-        raise ValueError(f"{path}: cannot load as a dall_e pickle ({first_line(e)})") from None
+        raise ValueError(f"{path}: cannot load as a dall_e pickle ({one_line(e, typed=False)})") from None
     expected = f"dall_e.{kind.lower()}.{kind}"
     if getattr(obj, "dall_e_class", None) != expected:
         raise ValueError(f"{path}: not a pickled {expected} (found {type(obj).__module__}.{type(obj).__name__})")
@@ -125,10 +126,10 @@ def load_openai_dvae(encoder_path: str, decoder_path: str) -> DVAE:
         # 256 is the side the released model was trained at; the convolutions accept any multiple of 2^(g-1).
         model = DVAE(DVAEConfig(image_size=256, n_init=int(dec["n_init"]), **sizes))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{encoder_path}: bad or missing size fields ({first_line(e)})") from None
+        raise ValueError(f"{encoder_path}: bad or missing size fields ({one_line(e, typed=False)})") from None
     for part, weights, path in ((model.encoder, enc_w, encoder_path), (model.decoder, dec_w, decoder_path)):
         try:
             part.load_state_dict(weights, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not fit the architecture ({first_line(e)})") from None
+            raise ValueError(f"{path}: weights do not fit the architecture ({one_line(e, typed=False)})") from None
     return model

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
+from pipeline.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Tracker:
             from pipeline.errors import InputError
 
             raise InputError(
-                f"W&B run {name} (project {project}): {str(err).splitlines()[0]} (or WANDB_MODE=offline)"
+                f"W&B run {name} (project {project}): {one_line(err, typed=False)} (or WANDB_MODE=offline)"
             ) from None
         # where the dashboard finds this run: its W&B page, or the folder `wandb sync` uploads
         storage.write_json(

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from pipeline import storage, workflow
 from pipeline.config.recipe import Recipe
+from pipeline.errors import one_line
 from pipeline.observe.tracking import read_metrics
 from pipeline.stages.base import StageStatus, TrainingProgress
 from pipeline.views.report import _STYLE, CURVES, _e, _figure, loss_curves
@@ -107,7 +108,7 @@ def _collect(recipe: Recipe, ray_dashboard: str | None) -> tuple[dict[str, Any],
         rate = training.samples_per_s if training else _shard_rate(status, records[name])
         rows.append({**replace(status, training=training).to_dict(), "samples_per_s": rate})
         for shard, failure in sorted(stages[name].ledger.failures().items()):
-            failures.append({"stage": name, "shard": shard, "error": failure["error"].splitlines()[0]})
+            failures.append({"stage": name, "shard": shard, "error": failure["error"]})
         info = storage.read_json_or_none(storage.join(url[name], "tracking.json"))
         if info is not None:
             tracking.append({"stage": name, **info})
@@ -244,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 body, kind = json.dumps(status_json(recipe, ray), indent=1).encode(), "application/json"
         except Exception as err:  # noqa: BLE001 - shown to the browser; the next refresh tries again
-            self.send_error(500, f"{type(err).__name__}: {err}".splitlines()[0])
+            self.send_error(500, one_line(err))
             return
         self.send_response(200)
         self.send_header("Content-Type", kind)
