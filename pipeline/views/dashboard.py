@@ -108,7 +108,7 @@ def _collect(recipe: Recipe, ray_dashboard: str | None) -> tuple[dict[str, Any],
         rate = training.samples_per_s if training else _shard_rate(status, records[name])
         rows.append({**replace(status, training=training).to_dict(), "samples_per_s": rate})
         for shard, failure in sorted(stages[name].ledger.failures().items()):
-            failures.append({"stage": name, "shard": shard, "error": failure["error"]})
+            failures.append({"stage": name, "shard": shard, "error": failure["error"].partition("\n")[0]})
         info = storage.read_json_or_none(storage.join(url[name], "tracking.json"))
         if info is not None:
             tracking.append({"stage": name, **info})
