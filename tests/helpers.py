@@ -40,6 +40,7 @@ def small_recipe(path: Path, output_dir: Path, **synthetic) -> Path:
     data["ingest"]["synthetic"].update({"count": 160, **synthetic})
     data["ingest"]["shard_size"] = 20
     data["filter"]["shard_size"] = 16
+    data["filter"]["dedup_rows_per_task"] = 50  # several groups and buckets in every dedup phase
     data["text_tokenizer"]["vocab_size"] = 600
     path.write_text(yaml.safe_dump(data))
     return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import random
 
 import numpy as np
 import pytest
@@ -14,10 +13,7 @@ from pipeline.config.data import FilterSection
 from pipeline.stages.filter_rules import (
     REASONS,
     LanguageID,
-    SampleFacts,
     caption_reason,
-    count_reasons,
-    decide,
     hamming,
     image_reason,
     phash64,
@@ -25,19 +21,6 @@ from pipeline.stages.filter_rules import (
 
 CFG = FilterSection()
 LANGID = LanguageID()
-
-
-def facts(key: str, **kw) -> SampleFacts:
-    base = dict(
-        url=f"http://x/{key}.jpg",
-        caption="a small red circle on the left",
-        sha256=f"sha-{key}",
-        phash=None,
-        original_width=256,
-        original_height=256,
-    )
-    base.update(kw)
-    return SampleFacts(key=key, **base)
 
 
 def test_reasons_order() -> None:
@@ -192,127 +175,3 @@ def test_hamming() -> None:
     assert hamming(0, 0) == 0
     assert hamming(0, (1 << 64) - 1) == 64
     assert hamming(0b1011, 0b0110) == 3
-
-
-# -- decide -------------------------------------------------------------------------------------
-
-
-def test_decide_per_sample_and_dedup_reasons() -> None:
-    cfg = FilterSection(near_duplicate_distance=4)
-    items = [
-        facts("00", phash=0),
-        facts("01", caption="untitled", phash=1 << 40),
-        facts("02", original_width=300, original_height=100, phash=1 << 50),
-        facts("03", url="http://x/00.jpg", phash=(1 << 64) - 1),
-        facts("04", sha256="sha-00", caption=" A small  RED circle on the left ", phash=(1 << 63) - 1),
-        facts("05", sha256="sha-00", caption="a different caption for it"),
-        facts("06", phash=0b1111),
-        facts("07", phash=0b11111),
-        facts("08", caption=""),
-        facts("09", caption="word " * 201),
-        facts("10", caption="ein kleiner roter Kreis auf der linken Seite"),
-        facts("11", original_width=None),
-    ]
-    assert decide(items, cfg, LANGID) == {
-        "00": None, "01": "boilerplate", "02": "aspect_ratio", "03": "duplicate_url",
-        "04": "duplicate_exact", "05": None, "06": "near_duplicate", "07": None, "08": "caption_empty",
-        "09": "caption_too_long", "10": "non_english", "11": "low_resolution",
-    }  # fmt: skip
-
-
-def test_decide_switches() -> None:
-    items = [facts("a", phash=0), facts("b", url="http://x/a.jpg", sha256="sha-a", phash=1)]
-    off = FilterSection(dedup_url=False, dedup_exact=False, near_duplicate_distance=None)
-    assert decide(items, off, LANGID) == {"a": None, "b": None}
-    assert decide(items, FilterSection(dedup_url=False), LANGID)["b"] == "duplicate_exact"
-    only_near = FilterSection(dedup_url=False, dedup_exact=False, near_duplicate_distance=0)
-    assert decide(items, only_near, LANGID)["b"] is None
-    assert decide(items, only_near.model_copy(update={"near_duplicate_distance": 1}), LANGID)["b"] == "near_duplicate"
-
-
-def test_decide_missing_hashes_never_match() -> None:
-    items = [facts("a", sha256=None, phash=None), facts("b", sha256=None, phash=None)]
-    assert decide(items, CFG, LANGID) == {"a": None, "b": None}
-
-
-def test_decide_order_independent() -> None:
-    rng = random.Random(1)
-    items = [
-        facts(f"k{i:03d}", url=f"http://x/{rng.randrange(60)}", sha256=f"s{rng.randrange(60)}",
-              caption=rng.choice(["a red circle on the left", "a blue square at the top", "IMG_1.jpg"]),
-              phash=rng.getrandbits(64) if rng.random() < 0.5 else rng.choice([0, 1, 3, 7]))
-        for i in range(200)
-    ]  # fmt: skip
-    expected = decide(items, CFG, LANGID)
-    assert len(set(expected.values())) >= 4
-    for _ in range(5):
-        rng.shuffle(items)
-        assert decide(items, CFG, LANGID) == expected
-
-
-def test_decide_chain_compares_only_with_kept() -> None:
-    a, b, c = 0, 0b111, 0b111111  # a~b (3 bits), b~c (3 bits), a!~c (6 bits)
-    items = [facts("c", phash=c), facts("a", phash=a), facts("b", phash=b)]
-    assert decide(items, FilterSection(near_duplicate_distance=4), LANGID) == {
-        "a": None, "b": "near_duplicate", "c": None,
-    }  # fmt: skip
-
-
-def test_dropped_sample_does_not_shadow_later_duplicate() -> None:
-    items = [
-        facts("a", caption="IMG_0001.JPG", sha256="same", phash=0),
-        facts("b", url="http://x/a.jpg", caption="IMG_0001.JPG", sha256="same", phash=0),
-        facts("c", url="http://x/a.jpg", sha256="same", phash=1),
-        facts("d", url="http://x/a.jpg", sha256="same", phash=1),
-    ]
-    assert decide(items, CFG, LANGID) == {"a": "boilerplate", "b": "boilerplate", "c": None, "d": "duplicate_url"}
-
-
-def test_duplicate_keys_rejected() -> None:
-    with pytest.raises(ValueError, match="duplicate sample key"):
-        decide([facts("a"), facts("a")], CFG, LANGID)
-
-
-def brute_force_near(items: list[SampleFacts], distance: int) -> dict[str, str | None]:
-    kept: list[int] = []
-    out: dict[str, str | None] = {}
-    for f in sorted(items, key=lambda f: f.key):
-        if any(hamming(f.phash, k) <= distance for k in kept):
-            out[f.key] = "near_duplicate"
-        else:
-            out[f.key] = None
-            kept.append(f.phash)
-    return out
-
-
-@pytest.mark.parametrize("distance", [0, 1, 4, 7, 12, 32])
-def test_near_duplicate_index_matches_brute_force(distance: int) -> None:
-    rng = random.Random(distance)
-    hashes = [rng.getrandbits(64) for _ in range(250)]
-    for _ in range(250):
-        h = rng.choice(hashes)
-        for bit in rng.sample(range(64), rng.choice([0, 1, distance, distance + 1, distance + 2, rng.randrange(40)])):
-            h ^= 1 << bit
-        hashes.append(h)
-    rng.shuffle(hashes)
-    items = [facts(f"{i:04d}", phash=h) for i, h in enumerate(hashes)]
-    cfg = FilterSection(languages=(), dedup_url=False, dedup_exact=False, near_duplicate_distance=distance)
-    got = decide(items, cfg, LANGID)
-    assert got == brute_force_near(items, distance)
-    assert 0 < sum(r is not None for r in got.values()) < len(items)
-
-
-def test_count_reasons() -> None:
-    rng = random.Random(3)
-    items = [
-        facts(f"{i:03d}", url=f"u{rng.randrange(80)}", caption=rng.choice(["", "untitled", "a red circle on top", "x"]),
-              original_width=rng.choice([256, 20, 600]), phash=rng.getrandbits(3))
-        for i in range(300)
-    ]  # fmt: skip
-    counts = count_reasons(decide(items, CFG, LANGID))
-    assert list(counts) == [*REASONS, "kept"]
-    assert sum(counts.values()) == len(items)
-    assert counts["duplicate_exact"] == 0 and counts["kept"] > 0
-    assert count_reasons({}) == dict.fromkeys([*REASONS, "kept"], 0)
-    with pytest.raises(ValueError, match="unknown drop reason"):
-        count_reasons({"a": "kept"})

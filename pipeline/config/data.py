@@ -107,6 +107,11 @@ class FilterSection(Config):
     of an earlier kept one (`near_duplicate`); null turns the check off."""
     shard_size: int = Field(10_000, ge=1, le=1_000_000)
     """Samples per filtered shard (the last one may be smaller)."""
+    dedup_rows_per_task: int = Field(1_000_000, ge=1, le=100_000_000)
+    """Scanned rows one dedup task holds (a group of raw shards, or a hash bucket): bounds a task's
+    memory, at roughly 200 bytes per row. The decisions do not depend on it."""
+
+    execution_only = frozenset({"dedup_rows_per_task"})
 
     @model_validator(mode="after")
     def _ranges(self) -> FilterSection:

@@ -74,6 +74,11 @@ FILTERED_MANIFEST = pa.schema(
     metadata={"stage": "filter", "doc": "one row per sample of a filtered shard, in tar order"},
 )
 
+DECISIONS = pa.schema(
+    [("key", pa.string()), ("reason", pa.string())],
+    metadata={"stage": "filter", "doc": "every scanned sample of a raw shard and why it was dropped (null: kept)"},
+)
+
 ENCODED_MANIFEST = pa.schema(
     [
         ("key", pa.string()),
@@ -110,6 +115,7 @@ ALL = {
     "raw_manifest": RAW_MANIFEST,
     "filter_facts": FILTER_FACTS,
     "filtered_manifest": FILTERED_MANIFEST,
+    "filter_decisions": DECISIONS,
     "encoded_manifest": ENCODED_MANIFEST,
     "ledger_record": LEDGER_RECORD,
 }

@@ -1,25 +1,20 @@
-"""The DALL·E paper's data filter rules, as pure functions (no Ray, no I/O).
+"""The DALL·E paper's per-sample data filter rules, as pure functions (no Ray, no I/O).
 
-The filter stage scans every sample once, recording a `SampleFacts` per sample, and then calls
-`decide` on all of them. The rules:
+The filter stage's scan applies them to every sample once, recording its facts (with `phash64`)
+for the dedup (`pipeline.stages.dedup_rules`). The rules:
 
 * caption rules (`caption_reason`): empty, boilerplate, too few or too many words, not in the
   configured languages (py3langid);
 * image rules (`image_reason`): the original aspect ratio outside [1/2, 2] by default, the original
-  shorter side below `min_image_size`;
-* dedup (`decide`): the same URL, the same caption and image bytes, or a perceptual hash
-  (`phash64`) within a Hamming distance of an earlier kept sample.
+  shorter side below `min_image_size`.
 
-Decisions depend only on the set of samples, never on their order or on the machine.
+Decisions depend only on the sample, never on the order of samples or on the machine.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -38,7 +33,6 @@ REASONS: tuple[str, ...] = (
     "duplicate_exact",
     "near_duplicate",
 )
-_REASON_SET = frozenset(REASONS)
 
 
 @functools.cache
@@ -154,121 +148,8 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-@dataclass(frozen=True)
-class SampleFacts:
-    """What the filter's scan phase records per sample; everything `decide` needs."""
-
-    key: str
-    url: str
-    caption: str
-    sha256: str | None
-    phash: int | None
-    original_width: int | None
-    original_height: int | None
-
-
-def normalize_caption(caption: str) -> str:
-    """The caption as compared by `duplicate_exact`: lowercased, whitespace runs collapsed."""
-    return " ".join(caption.split()).lower()
-
-
-class _NearIndex:
-    """Hashes within `distance` of any inserted hash, found without comparing against all of them.
-
-    Pigeonhole: the 64 bits are cut into distance + 1 bands; d <= distance differing bits can spoil
-    at most d bands, so a near hash equals an inserted one exactly on at least one band. Only the
-    hashes sharing a band are compared bit by bit.
-    """
-
-    def __init__(self, distance: int) -> None:
-        self._distance = distance
-        edges = [round(i * 64 / (distance + 1)) for i in range(distance + 2)]
-        # (shift, mask, buckets) per band; a bucket lists the inserted hashes with that band value.
-        self._bands: list[tuple[int, int, dict[int, list[int]]]] = [
-            (lo, (1 << (hi - lo)) - 1, {}) for lo, hi in itertools.pairwise(edges)
-        ]
-
-    def near(self, h: int) -> bool:
-        for shift, mask, buckets in self._bands:
-            # Inlined hamming(): this loop is the hot path of a large dedup.
-            if any((h ^ other).bit_count() <= self._distance for other in buckets.get((h >> shift) & mask, ())):
-                return True
-        return False
-
-    def add(self, h: int) -> None:
-        for shift, mask, buckets in self._bands:
-            buckets.setdefault((h >> shift) & mask, []).append(h)
-
-
 def sample_reason(
     caption: str | None, width: int | None, height: int | None, cfg: FilterSection, langid: LanguageID
 ) -> str | None:
     """The per-sample rules: `caption_reason`, then `image_reason`."""
     return caption_reason(caption, cfg, langid) or image_reason(width, height, cfg)
-
-
-def dedup(facts: list[SampleFacts], cfg: FilterSection) -> dict[str, str | None]:
-    """Maps each key to `duplicate_url`, `duplicate_exact`, `near_duplicate` or None (kept).
-
-    Samples are processed in key order whatever the input order, so the result depends only on the
-    set of samples: each is compared with the samples kept so far. Dropped samples never enter the
-    indexes: with A ~ B ~ C but A !~ C, B is dropped as A's duplicate and C is kept. Samples without
-    a sha256 are never exact duplicates; without a phash, never near duplicates.
-
-    Raises ValueError when two facts share a key (their order would decide which is kept).
-    """
-    ordered = sorted(facts, key=lambda f: f.key)
-    for prev, cur in zip(ordered, ordered[1:]):
-        if prev.key == cur.key:
-            raise ValueError(f"duplicate sample key {cur.key!r}")
-    distance = cfg.near_duplicate_distance
-    near_index = _NearIndex(distance) if distance is not None else None
-    seen_urls: set[str] = set()
-    seen_exact: set[tuple[str, str]] = set()
-    decisions: dict[str, str | None] = {}
-    for f in ordered:
-        reason = _duplicate_reason(f, cfg, seen_urls, seen_exact, near_index)
-        decisions[f.key] = reason
-        if reason is None:
-            seen_urls.add(f.url)
-            if f.sha256 is not None:
-                seen_exact.add((normalize_caption(f.caption), f.sha256))
-            if near_index is not None and f.phash is not None:
-                near_index.add(f.phash)
-    return decisions
-
-
-def decide(facts: list[SampleFacts], cfg: FilterSection, langid: LanguageID) -> dict[str, str | None]:
-    """Maps each sample key to its drop reason, or to None when the sample is kept: the per-sample
-    rules first (`sample_reason`), then `dedup` over the survivors."""
-    decisions = {f.key: sample_reason(f.caption, f.original_width, f.original_height, cfg, langid) for f in facts}
-    if len(decisions) != len(facts):
-        dedup(facts, cfg)  # raises on the duplicate key
-    decisions.update(dedup([f for f in facts if decisions[f.key] is None], cfg))
-    return decisions
-
-
-def _duplicate_reason(
-    f: SampleFacts,
-    cfg: FilterSection,
-    seen_urls: set[str],
-    seen_exact: set[tuple[str, str]],
-    near_index: _NearIndex | None,
-) -> str | None:
-    if cfg.dedup_url and f.url in seen_urls:
-        return "duplicate_url"
-    if cfg.dedup_exact and f.sha256 is not None and (normalize_caption(f.caption), f.sha256) in seen_exact:
-        return "duplicate_exact"
-    if near_index is not None and f.phash is not None and near_index.near(f.phash):
-        return "near_duplicate"
-    return None
-
-
-def count_reasons(decisions: Mapping[str, str | None]) -> dict[str, int]:
-    """Number of samples per drop reason (every reason of REASONS, zeros included) plus "kept"."""
-    counts = dict.fromkeys((*REASONS, "kept"), 0)
-    for reason in decisions.values():
-        if reason is not None and reason not in _REASON_SET:
-            raise ValueError(f"unknown drop reason {reason!r}")
-        counts["kept" if reason is None else reason] += 1
-    return counts
