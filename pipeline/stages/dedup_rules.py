@@ -89,7 +89,7 @@ def bands(distance: int) -> list[tuple[int, int]]:
 def band_keys(phash: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]:
     """For n hashes, the (n * (distance + 1),) band keys and the row each came from. A band key
     holds the band's number in its top byte and the band's bits below, so equal keys mean equal
-    bits of the same band."""
+    bits of the same band (at distance 0 the one band is the whole hash)."""
     phash = np.asarray(phash, dtype=np.uint64)
     keys, rows = [], []
     for number, (shift, width) in enumerate(bands(distance)):
@@ -101,6 +101,24 @@ def band_keys(phash: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]
 
 def _popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x)
+
+
+def _forest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The links (a, b) reduced to a spanning forest with the same components: (member, root)
+    with root the smallest node of its component. A dense cluster of n near hashes has ~n^2
+    links but n - 1 forest edges, so links are reduced as they are found."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not len(a):
+        return a, b
+    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (inverse[: len(a)], inverse[len(a) :])), (len(nodes),) * 2)
+    _, label = connected_components(graph, directed=False)
+    root = np.full(label.max() + 1, nodes.max(), dtype=nodes.dtype)
+    np.minimum.at(root, label, nodes)  # nodes are sorted: each component's smallest
+    members = root[label] != nodes
+    return nodes[members], root[label][members]
 
 
 def _all_pairs(hashes: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,12 +137,13 @@ def _all_pairs(hashes: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(left), np.concatenate(right)
 
 
-def _near_pairs(hashes: np.ndarray, distance: int, free: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs of distinct `hashes` within `distance` bits, given that they all agree outside
-    the bits of mask `free`. A large group is split again by pigeonhole on its free bits, so one
-    skewed band value does not make the search quadratic in it."""
+def _near_pairs(hashes: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs of distinct `hashes` within `distance` bits. Only the bits that vary inside the
+    group matter; when more than `_LEAF` hashes vary in more than `distance` bits, they are split
+    again by pigeonhole on those bits, so one skewed run does not make the search quadratic."""
     n = len(hashes)
-    free_bits = [b for b in range(64) if free >> b & 1]
+    varying = int(np.bitwise_or.reduce(hashes ^ hashes[0]))
+    free_bits = [b for b in range(64) if varying >> b & 1]
     if len(free_bits) <= distance:  # they differ in at most `distance` bits: all are near (a star)
         return np.zeros(n - 1, dtype=np.int64), np.arange(1, n)
     if n <= _LEAF:
@@ -132,18 +151,57 @@ def _near_pairs(hashes: np.ndarray, distance: int, free: int) -> tuple[np.ndarra
     left, right = [], []
     cuts = [round(k * len(free_bits) / (distance + 1)) for k in range(distance + 2)]
     for lo, hi in itertools.pairwise(cuts):
-        mask = sum(1 << b for b in free_bits[lo:hi])
-        value = hashes & np.uint64(mask)
+        value = hashes & np.uint64(sum(1 << b for b in free_bits[lo:hi]))
         order = np.argsort(value, kind="stable")
         bounds = np.flatnonzero(np.diff(value[order])) + 1
         for members in np.split(order, bounds):
             if len(members) > 1:
-                i, j = _near_pairs(hashes[members], distance, free & ~mask)
+                i, j = _near_pairs(hashes[members], distance)
                 left.append(members[i])
                 right.append(members[j])
     if not left:
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
-    return np.concatenate(left), np.concatenate(right)
+    return _forest(np.concatenate(left), np.concatenate(right))
+
+
+def _sub_bands(distance: int) -> np.ndarray:
+    """(band, sub-band) -> mask: the bits outside each band cut into distance + 1 sub-bands."""
+    masks = np.zeros((distance + 1, distance + 1), dtype=np.uint64)
+    for i, (shift, width) in enumerate(bands(distance)):
+        free = [b for b in range(64) if not shift <= b < shift + width]
+        cuts = [round(k * len(free) / (distance + 1)) for k in range(distance + 2)]
+        for j, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+            masks[i, j] = np.uint64(sum(1 << b for b in free[lo:hi]))
+    return masks
+
+
+def _pairs_sharing(k1: np.ndarray, k2: np.ndarray, hashes: np.ndarray, distance: int):
+    """Index pairs of rows with equal (k1, k2) whose hashes are within `distance` bits, comparing
+    only inside runs of equal keys, all runs at once (one vectorised pass per offset, so the work
+    is the sum of the runs' squares, not a Python loop per run). Runs longer than `_LEAF` are
+    not compared; their row indices come back for a further split."""
+    n = len(hashes)
+    order = np.lexsort((k2, k1))
+    k1, k2 = k1[order], k2[order]
+    starts = np.flatnonzero(np.concatenate([[True], (k1[1:] != k1[:-1]) | (k2[1:] != k2[:-1])]))
+    lengths = np.diff(np.concatenate([starts, [n]]))
+    long = [order[s : s + n_] for s, n_ in zip(starts[lengths > _LEAF], lengths[lengths > _LEAF])]
+    active = np.flatnonzero(np.repeat(lengths, lengths) <= np.minimum(_LEAF, n))
+    left, right = [], []
+    offset = 1
+    while len(active):
+        nxt = active + offset
+        ok = nxt < n
+        active, nxt = active[ok], nxt[ok]
+        ok = (k1[active] == k1[nxt]) & (k2[active] == k2[nxt])  # still inside the run
+        active, nxt = active[ok], nxt[ok]
+        a, b = order[active], order[nxt]
+        near = _popcount(hashes[a] ^ hashes[b]) <= distance
+        left.append(a[near])
+        right.append(b[near])
+        offset += 1
+    empty = np.array([], dtype=np.int64)
+    return (np.concatenate(left) if left else empty), (np.concatenate(right) if right else empty), long
 
 
 def near_edges(band_key: np.ndarray, sid: np.ndarray, phash: np.ndarray, distance: int) -> np.ndarray:
@@ -151,11 +209,13 @@ def near_edges(band_key: np.ndarray, sid: np.ndarray, phash: np.ndarray, distanc
     array of (sid, root), root being the smallest sid of the sid's component among these links.
 
     Rows are (band key, sid, phash), one per band of a sample that routed here. Samples with the
-    same hash are linked without comparing (a million blank images cost one sort); distinct hashes
-    of one band key are compared by `_near_pairs`."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    same hash are linked without comparing (a million blank images cost one sort). Distinct hashes
+    sharing a band value are compared only when they also share one of distance + 1 sub-bands of
+    the other bits (pigeonhole again), so the comparisons grow with the rows, not their square;
+    a run still longer than `_LEAF` (a skewed band) is split further by `_near_pairs`. What does
+    grow faster is a dense cluster (thousands of distinct hashes varying in a few bits): its near
+    pairs are quadratic in it, and so is finding them; the links are kept as a forest, so memory
+    stays linear."""
     if not len(sid):
         return np.empty((0, 2), dtype=np.uint64)
     links_a, links_b = [], []
@@ -165,32 +225,29 @@ def near_edges(band_key: np.ndarray, sid: np.ndarray, phash: np.ndarray, distanc
     rep_of_hash = np.maximum.accumulate(np.where(first, np.arange(len(unique)), 0))
     links_a.append(unique[~first, 1])
     links_b.append(unique[rep_of_hash[~first], 1])
-    # distinct hashes sharing a band key
+    # distinct hashes (at distance 0 there is nothing more): one row per (band, sample) left,
+    # compared by sub-band
     keep = np.isin(sid, unique[first, 1])
     band_key, sid, phash = band_key[keep], sid[keep], phash[keep]
-    order = np.lexsort((sid, band_key))
-    band_key, sid, phash = band_key[order], sid[order], phash[order]
-    bounds = np.flatnonzero(np.diff(band_key)) + 1
-    for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(sid)]])):
-        if end - start < 2:
-            continue
-        number = int(band_key[start] >> np.uint64(56))
-        shift, width = bands(distance)[number]
-        free = ((1 << 64) - 1) & ~(((1 << width) - 1) << shift)
-        group_hash, group_sid = phash[start:end], sid[start:end]
-        i, j = _near_pairs(group_hash, distance, free)
-        links_a.append(group_sid[i])
-        links_b.append(group_sid[j])
-    a, b = np.concatenate(links_a).astype(np.uint64), np.concatenate(links_b).astype(np.uint64)
-    if not len(a):
-        return np.empty((0, 2), dtype=np.uint64)
-    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (inverse[: len(a)], inverse[len(a) :])), (len(nodes),) * 2)
-    _, label = connected_components(graph, directed=False)
-    root = np.full(label.max() + 1, np.iinfo(np.uint64).max, dtype=np.uint64)
-    np.minimum.at(root, label, nodes)  # nodes are sorted, so this is each component's smallest sid
-    members = root[label] != nodes
-    return np.stack([nodes[members], root[label][members]], axis=1)
+    number = (band_key >> np.uint64(56)).astype(np.int64) if distance else np.zeros(len(sid), np.int64)
+    masks = _sub_bands(distance)
+    searched: set[bytes] = set()
+    for j in range(distance + 1 if distance else 0):
+        i, k, long = _pairs_sharing(band_key, phash & masks[number, j], phash, distance)
+        links_a.append(sid[i])
+        links_b.append(sid[k])
+        for run in long:
+            digest = hashlib.blake2b(np.sort(sid[run]).tobytes(), digest_size=16).digest()
+            if digest in searched:  # the same hashes agree on another band and sub-band too
+                continue
+            searched.add(digest)
+            i, k = _near_pairs(phash[run], distance)
+            links_a.append(sid[run[i]])
+            links_b.append(sid[run[k]])
+        a, b = _forest(np.concatenate(links_a).astype(np.uint64), np.concatenate(links_b).astype(np.uint64))
+        links_a, links_b = [a], [b]
+    a, b = _forest(np.concatenate(links_a).astype(np.uint64), np.concatenate(links_b).astype(np.uint64))
+    return np.stack([a, b], axis=1) if len(a) else np.empty((0, 2), dtype=np.uint64)
 
 
 # -- connected components across partitions ------------------------------------------------------
