@@ -83,7 +83,24 @@ def read_bytes(url: str) -> bytes:
     ranges pinned to its ETag, which fails when a writer replaces the object meanwhile (progress
     files and metrics are replaced while the driver and `dalle status` read them)."""
     fs, path = get_fs(url)
-    return fs.cat_file(path)
+    return fs.cat_file(path, **_one_request(fs))
+
+
+def _one_request(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    # s3fs sizes a whole-file read with a HEAD first (to split it into concurrent ranges), and a
+    # HEAD that misses costs a listing too: small files are read with one GET instead
+    return {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
+
+
+def read_many(urls: list[str]) -> dict[str, bytes]:
+    """url -> bytes of each file of `urls` that exists, fetched in one batched call (concurrent
+    requests on object stores), never one blocking GET after another. All on one filesystem."""
+    if not urls:
+        return {}
+    fs, _ = get_fs(urls[0])
+    paths = {get_fs(u)[1]: u for u in urls}
+    got = fs.cat(list(paths), on_error="omit", **_one_request(fs))
+    return {paths[p]: data for p, data in got.items() if p in paths}
 
 
 def dumps(obj: Any) -> bytes:

@@ -158,6 +158,36 @@ def test_a_real_url_list_with_laion_column_names(tmp_path):
     assert not (tmp_path / "out" / "text-tokenizer").exists()
 
 
+@pytest.mark.slow
+def test_several_url_lists_are_planned_one_task_each_and_a_changed_list_is_refused(tmp_path):
+    dataset = generate(SyntheticConfig(count=90, seed=4))
+    with LoopbackServer(dataset.files) as server:
+        rows = [{"url": r["url"], "caption": r["caption"]} for r in url_list_rows(dataset, server.url, dead_url())]
+        lists = [tmp_path / "a.parquet", tmp_path / "b.csv", tmp_path / "c.tsv"]
+        pq.write_table(pa.Table.from_pylist(rows[:60]), lists[0])  # two shards of 50
+        pacsv.write_csv(pa.Table.from_pylist(rows[60:75]), lists[1])
+        pacsv.write_csv(pa.Table.from_pylist(rows[75:]), lists[2], pacsv.WriteOptions(delimiter="\t"))
+        recipe = recipe_for(tmp_path, lists)
+        result = dalle("run", str(recipe), "--until", "ingest", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        out = tmp_path / "out" / "ingest"
+        assert len(list((out / "_input" / "_ledger").glob("*.json"))) == 3  # one planning task per list
+        plan = json.loads((out / "_input" / "_plan.json").read_text())
+        assert plan["shards"] == ["000000", "000001", "100000", "200000"] and plan["rows"] == len(rows)
+        done = json.loads((out / "_done.json").read_text())
+        assert done["samples_in"] == len(rows) and done["samples_out"] + sum(done["counts"].values()) == len(rows)
+        keys = sorted(m for p in out.glob("*.parquet") for m in pq.read_table(p)["key"].to_pylist())
+        assert keys[0].startswith("000000") and keys[-1].startswith("200000")
+
+        rerun = dalle("run", str(recipe), "--until", "ingest", "--no-progress")  # unchanged: nothing to do
+        assert rerun.returncode == 0, rerun.stderr
+        pacsv.write_csv(pa.Table.from_pylist(rows[60:74]), lists[1])  # one row fewer
+        refused = dalle("run", str(recipe), "--until", "ingest", "--no-progress")
+    assert refused.returncode == 2
+    line = refused.stderr.strip()
+    assert "\n" not in line and "stage 'ingest'" in line and "b.csv" in line
+
+
 def test_plan_for_the_12b_recipe_on_64_and_512_gpus():
     for gpus in (64, 512):
         result = dalle("plan", "jobs/laion-250m-12b.yaml", "--gpus", str(gpus), "--gpu-mem", "80", "--json")

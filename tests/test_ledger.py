@@ -94,3 +94,53 @@ def test_checksum_covers_file_order(tmp_path):
     assert ab != checksum_files([str(tmp_path / "b"), str(tmp_path / "a")])
     storage.write_atomic(str(tmp_path / "a"), b"1")
     assert ab == checksum_files([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+# -- the summary -----------------------------------------------------------------------------------
+def _counting(monkeypatch):
+    """Counts the listings and single reads the ledger makes (batched reads count once)."""
+    calls = {"list": 0, "read": 0, "batch": 0}
+    for name, key in (("list_names", "list"), ("read_bytes", "read"), ("read_many", "batch")):
+        real = getattr(storage, name)
+        monkeypatch.setattr(
+            storage,
+            name,
+            lambda *a, _real=real, _key=key, **kw: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **kw),
+        )
+    return calls
+
+
+def test_a_complete_summary_is_read_in_one_request(tmp_path, monkeypatch):
+    ledger = Ledger(str(tmp_path))
+    for i in range(50):
+        ledger.commit(record(f"{i:05d}", finished_at=1000.0 + i))
+    want = ledger.done()
+    ledger.compact(want, total=50)
+    calls = _counting(monkeypatch)
+    assert ledger.done() == want
+    assert calls == {"list": 0, "read": 1, "batch": 0}
+
+
+def test_a_stale_summary_is_completed_from_the_newer_records_in_one_batch(tmp_path, monkeypatch):
+    ledger = Ledger(str(tmp_path))
+    for i in range(10):
+        ledger.commit(record(f"{i:05d}", finished_at=1000.0 + i))
+    ledger.compact(ledger.done(), total=30)  # compacted while the run was at 10 of 30
+    for i in range(10, 25):
+        ledger.commit(record(f"{i:05d}", finished_at=1000.0 + i))
+    calls = _counting(monkeypatch)
+    done = ledger.done()
+    assert sorted(done) == [f"{i:05d}" for i in range(25)] and done["00024"].finished_at == 1024.0
+    assert calls == {"list": 1, "read": 1, "batch": 1}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_a_missing_or_unreadable_summary_changes_nothing(tmp_path, damage):
+    ledger = Ledger(str(tmp_path))
+    for i in range(5):
+        ledger.commit(record(f"{i:05d}", counts={"kept": i}))
+    want = ledger.done()
+    ledger.compact(want, total=5)
+    summary = tmp_path / "_ledger" / "_summary.parquet"
+    summary.unlink() if damage == "deleted" else summary.write_bytes(b"not parquet")
+    assert ledger.done() == want

@@ -88,9 +88,10 @@ def test_an_online_project_without_an_api_key_is_one_line(tmp_path):
 def test_a_resumed_stage_continues_its_run_and_no_run_without_a_project(tracked, run):
     out, recipe = tracked
     run_id = json.loads((out / "filter" / "tracking.json").read_text())["run_id"]
-    # as if the run had died before committing filter's last shard
-    newest = max((out / "filter" / "_ledger").iterdir(), key=lambda p: p.stat().st_mtime)
+    # as if the run had died before committing filter's last shard (and compacting its ledger)
+    newest = max((out / "filter" / "_ledger").glob("*.json"), key=lambda p: p.stat().st_mtime)
     newest.unlink()
+    (out / "filter" / "_ledger" / "_summary.parquet").unlink()
     (out / "filter" / "_done.json").unlink()
     result = dalle("run", str(recipe), "wandb_project=dalle-test", "--until", "text-tokenizer", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -141,3 +141,7 @@ class TextTokenizerSection(Config):
     """BPE dropout used when encoding for training (the paper: 0.1); 0 at evaluation."""
     min_frequency: int = Field(2, ge=1)
     """A pair must occur this often to become a merge."""
+    max_captions: int | None = Field(10_000_000, ge=1)
+    """Captions the tokenizer trains on: a deterministic sample of about this many (by a hash of
+    each sample's key), streamed from the filtered shards, as sentencepiece's input_sentence_size;
+    null trains on every caption."""

@@ -1,6 +1,9 @@
 """URL lists as users bring them (CC3M/CC12M/LAION parquet, csv, tsv): checked, identified, read.
 
-Everything here raises `InputError` with one line naming the file and what is wrong.
+The driver only checks and identifies a list (a few requests each, whatever its size, and a hash
+once: a rerun trusts the recorded hash while the size and ETag/mtime are unchanged); the ingest
+stage's planning tasks read the rows, one task per list. Everything here raises `InputError`
+with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ def list_format(url: str) -> str:
     raise InputError(f"ingest.url_lists: {url}: unknown format (expected {', '.join(FORMATS)})")
 
 
+def _csv_parse(fmt: str) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+
+
 def _read(url: str) -> pa.Table:
     fmt = list_format(url)
     fs, path = storage.get_fs(url)
@@ -33,11 +40,10 @@ def _read(url: str) -> pa.Table:
         if fmt == "parquet":
             with fs.open(path, "rb") as f:
                 return pq.read_table(f)
-        delimiter = "\t" if fmt == "tsv" else ","
         with fs.open(path, "rb", compression="infer") as f:
             return pacsv.read_csv(
                 f,
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                parse_options=_csv_parse(fmt),
                 convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
             )
     except (pa.ArrowInvalid, OSError) as err:
@@ -46,13 +52,46 @@ def _read(url: str) -> pa.Table:
         raise InputError(f"ingest.url_lists: {url}: cannot read as {fmt}: {one_line(err, typed=False)}") from None
 
 
+def _columns(url: str, names: list[str], url_col: str, caption_col: str, extra_cols: tuple[str, ...]) -> None:
+    for role, col in [("url_col", url_col), ("caption_col", caption_col)] + [("extra_cols", c) for c in extra_cols]:
+        if col not in names:
+            raise InputError(f"ingest.url_lists: {url}: no column '{col}' (ingest.{role}; columns: {', '.join(names)})")
+
+
+def check_url_list(url: str, url_col: str, caption_col: str, extra_cols: tuple[str, ...] = ()) -> None:
+    """Format, columns and at least one row, from the parquet footer or the first block of a CSV:
+    a few requests whatever the list's size (the rows are read by the planning tasks)."""
+    fmt = list_format(url)
+    fs, path = storage.get_fs(url)
+    if not fs.exists(path):
+        raise InputError(f"ingest.url_lists: {url}: file not found")
+    try:
+        with fs.open(path, "rb", compression=None if fmt == "parquet" else "infer") as f:
+            if fmt == "parquet":
+                parquet = pq.ParquetFile(f)
+                names, rows = parquet.schema_arrow.names, parquet.metadata.num_rows
+            else:
+                reader = pacsv.open_csv(
+                    f,
+                    read_options=pacsv.ReadOptions(block_size=1 << 20),
+                    parse_options=_csv_parse(fmt),
+                    convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+                )
+                names = reader.schema.names
+                rows = next((b.num_rows for b in reader if b.num_rows), 0)
+    except (pa.ArrowInvalid, OSError) as err:
+        if "Empty CSV file" in str(err):
+            raise InputError(f"ingest.url_lists: {url}: no rows") from None
+        raise InputError(f"ingest.url_lists: {url}: cannot read as {fmt}: {one_line(err, typed=False)}") from None
+    _columns(url, names, url_col, caption_col, extra_cols)
+    if not rows:
+        raise InputError(f"ingest.url_lists: {url}: no rows")
+
+
 def read_url_list(url: str, url_col: str, caption_col: str, extra_cols: tuple[str, ...] = ()) -> pa.Table:
     """The list's rows as a table with columns `url`, `caption` and the extra columns (strings)."""
     table = _read(url)
-    for role, col in [("url_col", url_col), ("caption_col", caption_col)] + [("extra_cols", c) for c in extra_cols]:
-        if col not in table.column_names:
-            have = ", ".join(table.column_names)
-            raise InputError(f"ingest.url_lists: {url}: no column '{col}' (ingest.{role}; columns: {have})")
+    _columns(url, table.column_names, url_col, caption_col, extra_cols)
     if table.num_rows == 0:
         raise InputError(f"ingest.url_lists: {url}: no rows")
     columns = {"url": table[url_col], "caption": table[caption_col], **{c: table[c] for c in extra_cols}}
@@ -69,12 +108,29 @@ def content_digest(url: str) -> str:
     return h.hexdigest()
 
 
-def inspect_url_lists(urls: tuple[str, ...], url_col: str, caption_col: str, extra_cols: tuple[str, ...]) -> dict:
-    """Checks every list (format, columns, rows) and returns {url: digest}; writes nothing."""
+def file_identity(url: str) -> dict:
+    """What says a file is unchanged without reading it: its size and its ETag (object stores) or
+    modification time (local and other filesystems)."""
+    fs, path = storage.get_fs(url)
+    info = fs.info(path)
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return {"size": info.get("size"), "tag": str(tag)}
+
+
+def inspect_url_lists(
+    urls: tuple[str, ...], url_col: str, caption_col: str, extra_cols: tuple[str, ...], recorded: dict | None = None
+) -> dict[str, dict]:
+    """Checks every list (`check_url_list`) and returns {absolute url: {sha256, size, tag}};
+    writes nothing. A list whose size and tag equal those `recorded` at planning keeps its recorded
+    sha256; any other is hashed again (so a changed list gets a new digest and is refused)."""
     identity = {}
     for url in urls:
-        read_url_list(url, url_col, caption_col, extra_cols)
-        identity[storage.absolute(url)] = content_digest(url)
+        check_url_list(url, url_col, caption_col, extra_cols)
+        key = storage.absolute(url)
+        now = file_identity(url)
+        old = (recorded or {}).get(key)
+        digest = old["sha256"] if old and {k: old.get(k) for k in now} == now else content_digest(url)
+        identity[key] = {"sha256": digest, **now}
     return identity
 
 

@@ -8,7 +8,9 @@ The rules:
   that dies half-way (a lost worker) does no harm;
 - a shard that gives up is recorded under `_failures/` with `errors.one_line` of its last
   error; the others still run, then the stage fails naming the first failed shard;
-- progress (bar, Ray metrics, W&B) advances once per committed shard.
+- progress (bar, Ray metrics, W&B) advances once per committed shard;
+- the driver compacts the records into the ledger's summary every `COMPACT_EVERY_S` and at the
+  end, so readers (`dalle status`, the dashboard, the next run) read a stage in a few requests.
 
 Ray tasks (`Placement.actors` None) suit work whose setup is cheap (ingest, filter, text-tokenizer);
 a pool keeps each actor's `setup()` (its models) across shards, one GPU per actor when the
@@ -29,6 +31,8 @@ from pipeline.engine.tasks import PLACEMENT, Placement, ShardTask, ShardWorker
 from pipeline.errors import StageFailed
 
 log = logging.getLogger(__name__)
+
+COMPACT_EVERY_S = 30.0
 
 
 class Progress(Protocol):
@@ -58,6 +62,7 @@ def run_shards(
     of `tasks`, old and new. Raises StageFailed when some shards gave up."""
     done = ledger.done()
     todo = [t for t in tasks if t.shard not in done]
+    compacted = time.monotonic()
     progress.start(label, total=len(tasks), done=len(tasks) - len(todo))
     failed: dict[str, str] = {}
     if todo:
@@ -76,8 +81,13 @@ def run_shards(
                 done[shard] = outcome
                 samples += outcome.samples_out
                 progress.advance(label, samples / max(time.monotonic() - started, 1e-6), outcome)
+                if time.monotonic() - compacted > COMPACT_EVERY_S:
+                    ledger.compact(done, len(tasks))
+                    compacted = time.monotonic()
         except StageFailed as err:  # the runner itself could not run (a pool whose actors cannot start)
             raise StageFailed(f"stage '{label}': {err}") from None
+        finally:
+            ledger.compact(done, len(tasks))
     progress.finish(label)
     if failed:
         shard, error = min(failed.items())

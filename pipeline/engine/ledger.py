@@ -4,6 +4,7 @@ Layout under a stage folder `<output_dir>/<stage>/`:
 
     _fingerprint.json       what the output was made from (stage config + inputs); written first
     _ledger/<shard>.json    one record per committed shard; written last, it IS the commit
+    _ledger/_summary.parquet  the records compacted into one file (a cache: see `Ledger.done`)
     _failures/<shard>.json  the last error of a shard task that gave up (cleared by its commit)
     _tmp/                   attempts in progress; never read
 
@@ -15,16 +16,25 @@ through an `Attempt`, the one place that writes a shard's files and commits them
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline import storage
 from pipeline.data.loader import ShardSpan
 from pipeline.engine.schemas import LEDGER_RECORD, SCHEMA_VERSION, validate_record
 from pipeline.errors import FingerprintMismatch, ShardError
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "_summary.parquet"
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,21 @@ class ShardRecord:
         return cls(**{**d, "files": tuple(d["files"])})
 
 
+_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("samples_in", pa.int64()),
+        ("samples_out", pa.int64()),
+        ("files", pa.list_(pa.string())),
+        ("checksum", pa.string()),
+        ("fingerprint", pa.string()),
+        ("counts", pa.string()),
+        ("seconds", pa.float64()),
+        ("finished_at", pa.float64()),
+    ]
+)
+
+
 def checksum_files(urls: list[str]) -> str:
     h = hashlib.sha256()
     for url in urls:
@@ -131,11 +156,45 @@ class Ledger:
 
     # -- records ------------------------------------------------------------------------------
     def done(self) -> dict[str, ShardRecord]:
-        records = {}
-        for name in storage.list_names(self.path("_ledger"), ".json"):
-            d = storage.read_json(self.path("_ledger", name))
+        """Every committed record, in a handful of requests whatever the shard count: the summary
+        (one GET); when it does not hold every shard of its run, one listing of `_ledger/` and
+        one batched read of the records it lacks. The summary is only a cache: deleted, stale or
+        unreadable, the result is the same."""
+        records, total = self._read_summary()
+        if total is not None and len(records) >= total:
+            return records
+        names = storage.list_names(self.path("_ledger"), ".json")
+        missing = [self.path("_ledger", n) for n in names if n.removesuffix(".json") not in records]
+        for data in storage.read_many(missing).values():
+            d = json.loads(data)
             records[d["shard"]] = ShardRecord.from_dict(d)
         return records
+
+    def _read_summary(self) -> tuple[dict[str, ShardRecord], int | None]:
+        try:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(self.path("_ledger", SUMMARY))))
+        except FileNotFoundError:
+            return {}, None
+        except (pa.ArrowException, OSError, ValueError) as err:
+            log.warning("%s: ignoring an unreadable ledger summary (%s)", self.root, err)
+            return {}, None
+        records = {}
+        for row in table.to_pylist():
+            row["counts"] = json.loads(row["counts"])
+            records[row["shard"]] = ShardRecord.from_dict(row)
+        return records, int(table.schema.metadata[b"total"])
+
+    def compact(self, records: dict[str, ShardRecord], total: int) -> None:
+        """Writes `records` (committed ones, read back or just made) as the summary, for a run of
+        `total` shards. Written by the driver, which holds the records anyway; never by tasks."""
+        rows = [
+            {**asdict(r), "files": list(r.files), "counts": json.dumps(r.counts, sort_keys=True)}
+            for r in records.values()
+        ]
+        table = pa.Table.from_pylist(rows, schema=_SUMMARY_SCHEMA).replace_schema_metadata({"total": str(total)})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_atomic(self.path("_ledger", SUMMARY), buffer.getvalue())
 
     def spans(self) -> list[ShardSpan]:
         """Every committed shard's tar with its sample count from the ledger, in shard order

@@ -158,7 +158,10 @@ class Stage(ShardWorker):
         return storage.exists(storage.join(self.url, "_done.json"))
 
     def status(self) -> StageStatus:
-        """State, shard and sample counts, per-reason counts, failures, last update (from the ledger)."""
+        """State, shard and sample counts, per-reason counts, failures, last update (from the ledger).
+        A stage that never started (no `_fingerprint.json`) costs one request; a compacted one a few."""
+        if storage.read_json_or_none(self.ledger.path("_fingerprint.json")) is None:
+            return StageStatus(self.name, "pending", self.url, 0, None, 0, 0, {}, 0, [], None, None)
         plan = storage.read_json_or_none(storage.join(self.url, "_plan.json"))
         done = storage.read_json_or_none(storage.join(self.url, "_done.json"))
         records = self.ledger.done()

@@ -130,7 +130,7 @@ class FilterStage(Stage):
     def status(self) -> StageStatus:
         """While the stage runs, the scan phase's per-sample drop counts (dedup comes after it)."""
         status = super().status()
-        if status.state == "complete":
+        if status.state in ("complete", "pending"):
             return status
         scan = Ledger(storage.join(self.url, "_scan")).done().values()
         return replace(

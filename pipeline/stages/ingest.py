@@ -6,15 +6,17 @@ into the shard's attempt folder; the engine then moves the tar, parquet and stat
 names and commits the shard in our ledger. That ledger replaces img2dataset's incremental mode, which trusts
 any `_stats.json` it finds, including those of half-written shards.
 
-Planning normalises the URL lists (or the synthetic set) once into `_input/<shard>.parquet`,
-so a resumed run downloads exactly the rows the first run planned.
+Planning normalises the URL lists once into `_input/<shard>.parquet`, one Ray task per list (its
+own ledger, `_input/`), so a resumed run downloads exactly the rows the first run planned and the
+driver never holds a row. A list's shards are numbered from its position times `LIST_STRIDE`, so
+each task names its shards alone and keys stay in list order. The synthetic set, small by design,
+is planned on the driver.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config.data import IngestSection
 from pipeline.data.url_lists import inspect_url_lists, read_url_list, shard_table
-from pipeline.engine.ledger import Attempt, ShardResult
+from pipeline.engine.ledger import Attempt, Ledger, ShardResult
 from pipeline.engine.schemas import RAW_MANIFEST, validate_table
 from pipeline.engine.tasks import ShardTask
 from pipeline.errors import InputError
@@ -53,8 +55,41 @@ def classify_error(message: str | None) -> str:
     return "other"
 
 
+LIST_STRIDE = 100_000
+"""Shard numbers per URL list: list i's shards are i * LIST_STRIDE + 0, 1, ..."""
+
+
 def shard_name(shard_id: int, digits: int) -> str:
     return f"{shard_id:0{digits}d}"
+
+
+def list_digits(lists: int) -> int:
+    """Digits of a shard name when `lists` lists are planned (5 for one, as img2dataset's default)."""
+    return len(str(lists * LIST_STRIDE - 1))
+
+
+@dataclass(frozen=True)
+class ListTask(ShardTask):
+    """Planning: one URL list into its input shards `_input/<shard>.parquet`."""
+
+    url: str
+    index: int
+    """The list's position in `ingest.url_lists`."""
+    digits: int
+
+
+def split_list(cfg: IngestSection, task: ListTask, attempt: Attempt) -> ShardResult:
+    """Reads one URL list (in this task, never on the driver) and writes its input shards."""
+    table = read_url_list(task.url, cfg.url_col, cfg.caption_col, cfg.extra_cols)
+    parts = shard_table(table, cfg.shard_size)
+    if len(parts) > LIST_STRIDE:
+        raise InputError(
+            f"ingest.url_lists: {task.url}: {table.num_rows} rows make more than {LIST_STRIDE} shards of "
+            f"{cfg.shard_size}; split the list or raise ingest.shard_size"
+        )
+    for j, part in enumerate(parts):
+        storage.write_parquet(attempt.path(f"{shard_name(task.index * LIST_STRIDE + j, task.digits)}.parquet"), part)
+    return ShardResult(samples_in=table.num_rows, samples_out=table.num_rows)
 
 
 def _downloader(cfg: IngestSection, output_folder: str, columns: list[str], digits: int):
@@ -133,35 +168,47 @@ class IngestStage(Stage):
 
     def inspect_inputs(self) -> dict[str, Any]:
         cfg: IngestSection = self.cfg
-        if cfg.synthetic is not None:
-            return {}
-        return {"url_lists": inspect_url_lists(cfg.url_lists, cfg.url_col, cfg.caption_col, cfg.extra_cols)}
+        if cfg.synthetic is None:
+            recorded = storage.read_json_or_none(self._input_url("_lists.json"))
+            self._lists = inspect_url_lists(cfg.url_lists, cfg.url_col, cfg.caption_col, cfg.extra_cols, recorded)
+            return {"url_lists": {url: ident["sha256"] for url, ident in self._lists.items()}}
+        return {}
 
     def _input_url(self, *parts: str) -> str:
         return storage.join(self.url, "_input", *parts)
 
     def _write_input(self, table: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
-        """Writes the normalised URL list as one parquet per shard; `_input/_plan.json` last."""
+        """Writes the synthetic set's rows as one parquet per shard; `_input/_plan.json` last."""
         shards = shard_table(table, self.cfg.shard_size)
-        digits = max(5, math.ceil(math.log10(len(shards) + 1)))
-        for i, part in enumerate(shards):
-            storage.write_parquet(self._input_url(f"{shard_name(i, digits)}.parquet"), part)
-        info = {"shards": len(shards), "rows": table.num_rows, "digits": digits, "columns": table.column_names, **extra}
+        digits = list_digits(1)
+        names = [shard_name(i, digits) for i in range(len(shards))]
+        for name, part in zip(names, shards):
+            storage.write_parquet(self._input_url(f"{name}.parquet"), part)
+        info = {"shards": names, "rows": table.num_rows, "digits": digits, **extra}
         storage.write_json(self._input_url("_plan.json"), info)
         return info
 
-    def _url_table(self) -> pa.Table:
+    def _plan_lists(self, ctx: RunContext) -> dict[str, Any]:
+        """One planning task per URL list; `_input/_plan.json` (the shard names) last."""
         cfg: IngestSection = self.cfg
-        tables = [read_url_list(u, cfg.url_col, cfg.caption_col, cfg.extra_cols) for u in cfg.url_lists]
-        return pa.concat_tables(tables)
+        if getattr(self, "_lists", None) is None:
+            self.inspect_inputs()
+        storage.write_json(self._input_url("_lists.json"), self._lists)
+        digits = list_digits(len(cfg.url_lists))
+        tasks = [ListTask(f"{i:05d}", url, i, digits) for i, url in enumerate(cfg.url_lists)]
+        records = self.run_shards(ctx, tasks, ledger=Ledger(self._input_url()), label="ingest (plan)")
+        names = [f.removesuffix(".parquet") for t in tasks for f in sorted(records[t.shard].files)]
+        info = {"shards": names, "rows": sum(r.samples_in for r in records.values()), "digits": digits}
+        storage.write_json(self._input_url("_plan.json"), info)
+        return info
 
     @contextlib.contextmanager
-    def _source(self):
+    def _source(self, ctx: RunContext):
         """The normalised input's plan; for the synthetic set, with its server running."""
         info = storage.read_json_or_none(self._input_url("_plan.json"))
         synthetic = self.cfg.synthetic
         if synthetic is None:
-            yield info or self._write_input(self._url_table(), {})
+            yield info or self._plan_lists(ctx)
             return
         from pipeline.synthetic.dataset import generate, url_list_rows
         from pipeline.synthetic.server import LoopbackServer, dead_url
@@ -187,21 +234,17 @@ class IngestStage(Stage):
         finally:
             server.stop()
 
-    def process(self, task: IngestTask, attempt: Attempt) -> ShardResult:
+    def process(self, task: IngestTask | ListTask, attempt: Attempt) -> ShardResult:
+        if isinstance(task, ListTask):
+            return split_list(self.cfg, task, attempt)
         return download_shard(self.cfg, task, attempt)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        with self._source() as info:
-            self.write_plan(info["shards"], rows=info["rows"])
-            digits = info["digits"]
+        with self._source(ctx) as info:
+            self.write_plan(len(info["shards"]), rows=info["rows"])
             tasks = [
-                IngestTask(
-                    shard_name(i, digits),
-                    shard_id=i,
-                    digits=digits,
-                    input=self._input_url(f"{shard_name(i, digits)}.parquet"),
-                )
-                for i in range(info["shards"])
+                IngestTask(name, shard_id=int(name), digits=info["digits"], input=self._input_url(f"{name}.parquet"))
+                for name in info["shards"]
             ]
             records = self.run_shards(ctx, tasks, retries=self.cfg.max_task_retries)
         counts = {reason: sum(r.counts.get(reason, 0) for r in records.values()) for reason in FAILURES}

@@ -52,7 +52,7 @@ class ModelStage(Stage):
     def status(self) -> StageStatus:
         """The stage's status, with its training run's step (once it trained)."""
         status = super().status()
-        progress = storage.read_json_or_none(progress_url(self.url))
+        progress = None if status.state == "pending" else storage.read_json_or_none(progress_url(self.url))
         if progress is None:
             return status
         training = TrainingProgress(progress["step"], progress.get("steps"), progress.get("samples_per_s"))
