@@ -316,7 +316,7 @@ def pip_requirements(commands: list[str]) -> dict[str, Requirement]:
             for arg in words[i + 2 :]:
                 if arg in SHELL_OPERATORS:
                     break
-                if arg in SHELL_REDIRECTS:  # e.g. an unquoted numpy>=1.26: `>` redirects to a file "=1.26"
+                if arg in SHELL_REDIRECTS:  # e.g. an unquoted numpy>=2.0: `>` redirects to a file "=2.0"
                     skip = True
                     continue
                 if skip or arg.startswith("-"):
@@ -625,7 +625,7 @@ def test_omitted_command_list_is_filled_from_rays_defaults(gcp):
         ('"deepspeed>=0.19.8,<0.20"', "", "deepspeed is not installed"),
         ('"img2dataset==1.47.0"', '"img2dataset==1.46.0"', "img2dataset: ==1.46.0 vs ==1.47.0"),
         ('"ray[default,data,train]==2.60.0"', '"ray[default]==2.60.0"', "ray: extras"),
-        ('"numpy>=1.26"', "numpy>=1.26", "numpy: "),  # unquoted: the shell reads > as a redirection
+        ('"numpy>=2.0"', "numpy>=2.0", "numpy: "),  # unquoted: the shell reads > as a redirection
         ('"s3fs>=2024.1"', "", "s3fs is not installed"),
     ],
 )
