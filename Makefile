@@ -47,6 +47,8 @@ bench: install
 	$(PY) benchmarks/train.py demo
 	$(PY) benchmarks/sample.py demo
 	$(PY) benchmarks/storage.py
+	$(PY) benchmarks/scale_data.py --rows 1000000
+	$(PY) benchmarks/status_requests.py --shards 25000
 
 clean:
 	rm -rf runs .pytest_cache

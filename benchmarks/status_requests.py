@@ -18,43 +18,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import yaml
+from storage import moto_bucket  # benchmarks/storage.py
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def counting_server():
-    """moto's threaded S3 server with every request counted (returns server, counter)."""
-    from moto.server import DomainDispatcherApplication, MotoRequestHandler, ThreadedMotoServer, create_backend_app
-    from werkzeug.serving import make_server
-
-    counter = {"requests": 0}
-    lock = threading.Lock()
-
-    class Quiet(MotoRequestHandler):
-        def log_request(self, *args) -> None:  # one line per request on stderr otherwise
-            pass
-
-    class Counting(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = DomainDispatcherApplication(create_backend_app)
-
-            def counted(environ, start_response):
-                with lock:
-                    counter["requests"] += 1
-                return app(environ, start_response)
-
-            self._server = make_server(self._ip_address, self._port, counted, True, request_handler=Quiet)
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    server = Counting(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    return server, counter
 
 
 def main() -> None:
@@ -63,24 +33,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
 
-    server, counter = counting_server()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    os.environ.update(env)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(name, None)
-    import boto3
-
+    counter = {"requests": 0}
+    bucket, env, server = moto_bucket(counter)
     from pipeline import storage
     from pipeline.engine.ledger import Ledger, ShardRecord
 
-    boto3.client("s3").create_bucket(Bucket="runs")
-    out = "s3://runs/bench"
+    out = f"s3://{bucket}/status"
     stage = storage.join(out, "ingest")
     ledger = Ledger(stage)
     records = {

@@ -52,14 +52,37 @@ def run(output_dir: str, overrides: list[str], env: dict[str, str]) -> dict:
     return {"stages": seconds, "total": round(time.monotonic() - started, 2)}
 
 
-def moto_bucket() -> tuple[str, dict[str, str], object]:
+def moto_bucket(counter: dict[str, int] | None = None) -> tuple[str, dict[str, str], object]:
+    """moto's S3 server on 127.0.0.1 with an empty bucket, reached through the AWS environment
+    variables (set here): (bucket, env, server). With `counter`, every HTTP request it answers
+    adds one to `counter["requests"]`."""
     import logging
+    import threading
 
     import boto3
-    from moto.server import ThreadedMotoServer
+    from moto.server import DomainDispatcherApplication, ThreadedMotoServer, create_backend_app
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    lock = threading.Lock()
+
+    class Server(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            from moto.server import MotoRequestHandler
+            from werkzeug.serving import make_server
+
+            app = DomainDispatcherApplication(create_backend_app)
+
+            def counted(environ, start_response):
+                if counter is not None:
+                    with lock:
+                        counter["requests"] = counter.get("requests", 0) + 1
+                return app(environ, start_response)
+
+            self._server = make_server(self._ip_address, self._port, counted, True, request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {
@@ -69,6 +92,8 @@ def moto_bucket() -> tuple[str, dict[str, str], object]:
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     os.environ.update(env)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
     boto3.client("s3").create_bucket(Bucket="bench")
     return "bench", env, server
 

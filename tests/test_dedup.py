@@ -364,3 +364,27 @@ def test_scan_order_does_not_matter(tmp_path) -> None:
     for k in range(1, 3):
         rng.shuffle(items)
         assert decide(tmp_path / str(k), items, FilterSection()) == expected
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_the_real_stage_on_ray() -> None:
+    """benchmarks/scale_data.py at a small size: the URL lists planned and the dedup of the real
+    stage on local Ray (several groups, buckets and star rounds), every row accounted for."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT
+
+    cmd = [sys.executable, "benchmarks/scale_data.py", "--rows", "30000", "--shard-size", "1000"]
+    result = subprocess.run(
+        [*cmd, "--rows-per-task", "8000", "--json"], capture_output=True, text=True, env=ENV, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert figures["input_shards_planned"] == figures["raw_shards"] == 30
+    assert figures["kept"] + sum(figures["drops"].values()) == 30_000
+    assert set(figures["drops"]) == {"duplicate_url", "duplicate_exact", "near_duplicate"}
+    assert figures["phases"]["url-map"]["tasks"] == 4 and figures["phases"]["near-bucket"]["tasks"] == 19
+    assert figures["output_shards_planned"] == -(-figures["kept"] // 1000)
+    assert figures["driver_peak_rss_mb"] > 0 and figures["task_peak_rss_mb"] > 0

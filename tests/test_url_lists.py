@@ -61,7 +61,7 @@ def test_a_recorded_identity_spares_the_hash_and_a_change_is_still_seen(tmp_path
     url = write(tmp_path / "urls.parquet", "parquet")
     first = inspect_url_lists((url,), "url", "caption", ())
     (ident,) = first.values()
-    assert set(ident) == {"sha256", "size", "tag"}
+    assert set(ident) == {"sha256", "size", "tag", "rows"} and ident["rows"] == 50
 
     def no_hash(u):
         raise AssertionError("hashed again")

@@ -102,21 +102,6 @@ class ShardRecord:
         return cls(**{**d, "files": tuple(d["files"])})
 
 
-_SUMMARY_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("samples_in", pa.int64()),
-        ("samples_out", pa.int64()),
-        ("files", pa.list_(pa.string())),
-        ("checksum", pa.string()),
-        ("fingerprint", pa.string()),
-        ("counts", pa.string()),
-        ("seconds", pa.float64()),
-        ("finished_at", pa.float64()),
-    ]
-)
-
-
 def checksum_files(urls: list[str]) -> str:
     h = hashlib.sha256()
     for url in urls:
@@ -180,18 +165,15 @@ class Ledger:
             return {}, None
         records = {}
         for row in table.to_pylist():
-            row["counts"] = json.loads(row["counts"])
+            row["counts"] = dict(row["counts"])
             records[row["shard"]] = ShardRecord.from_dict(row)
         return records, int(table.schema.metadata[b"total"])
 
     def compact(self, records: dict[str, ShardRecord], total: int) -> None:
         """Writes `records` (committed ones, read back or just made) as the summary, for a run of
         `total` shards. Written by the driver, which holds the records anyway; never by tasks."""
-        rows = [
-            {**asdict(r), "files": list(r.files), "counts": json.dumps(r.counts, sort_keys=True)}
-            for r in records.values()
-        ]
-        table = pa.Table.from_pylist(rows, schema=_SUMMARY_SCHEMA).replace_schema_metadata({"total": str(total)})
+        rows = [{**asdict(r), "files": list(r.files), "counts": list(r.counts.items())} for r in records.values()]
+        table = pa.Table.from_pylist(rows, schema=LEDGER_RECORD).replace_schema_metadata({"total": str(total)})
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         storage.write_atomic(self.path("_ledger", SUMMARY), buffer.getvalue())

@@ -6,10 +6,11 @@ into the shard's attempt folder; the engine then moves the tar, parquet and stat
 names and commits the shard in our ledger. That ledger replaces img2dataset's incremental mode, which trusts
 any `_stats.json` it finds, including those of half-written shards.
 
-Planning normalises the URL lists once into `_input/<shard>.parquet`, one Ray task per list (its
-own ledger, `_input/`), so a resumed run downloads exactly the rows the first run planned and the
-driver never holds a row. A list's shards are numbered from its position times `LIST_STRIDE`, so
-each task names its shards alone and keys stay in list order. The synthetic set, small by design,
+Planning normalises the URL lists once into `_input/<shard>.parquet`, with Ray tasks (their own
+ledger, `_input/`): one per CSV list, one per million rows of a parquet list, each streaming its
+rows into shards. So a resumed run downloads exactly the rows the first run planned, and neither
+the driver nor a task holds a list. A list's shards are numbered from its position times
+`LIST_STRIDE`, so each task names its shards alone and keys stay in list order. The synthetic set, small by design,
 is planned on the driver.
 """
 
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config.data import IngestSection
-from pipeline.data.url_lists import inspect_url_lists, read_url_list, shard_table
+from pipeline.data.url_lists import inspect_url_lists, iter_url_list, shard_table
 from pipeline.engine.ledger import Attempt, Ledger, ShardResult
 from pipeline.engine.schemas import RAW_MANIFEST, validate_table
 from pipeline.engine.tasks import ShardTask
@@ -68,28 +69,65 @@ def list_digits(lists: int) -> int:
     return len(str(lists * LIST_STRIDE - 1))
 
 
+LIST_ROWS_PER_TASK = 1_000_000
+"""URL-list rows one planning task reads (a parquet list is split by row ranges; a CSV is one task)."""
+
+
 @dataclass(frozen=True)
 class ListTask(ShardTask):
-    """Planning: one URL list into its input shards `_input/<shard>.parquet`."""
+    """Planning: rows [start, stop) of one URL list into its input shards `_input/<shard>.parquet`."""
 
     url: str
     index: int
     """The list's position in `ingest.url_lists`."""
     digits: int
+    start: int = 0
+    stop: int | None = None
+    """None: to the end of the list."""
+
+
+def list_tasks(url: str, index: int, rows: int | None, shard_size: int, digits: int) -> list[ListTask]:
+    """The planning tasks of one list: row ranges of whole shards for a parquet list of `rows`, one
+    task for a CSV (rows unknown)."""
+    if rows is not None and -(-rows // shard_size) > LIST_STRIDE:
+        raise InputError(
+            f"ingest.url_lists: {url}: {rows} rows make more than {LIST_STRIDE} shards of {shard_size}; "
+            "split the list or raise ingest.shard_size"
+        )
+    if rows is None:
+        return [ListTask(f"{index:05d}-0000", url, index, digits)]
+    step = max(1, LIST_ROWS_PER_TASK // shard_size) * shard_size
+    return [
+        ListTask(f"{index:05d}-{k:04d}", url, index, digits, start, min(start + step, rows))
+        for k, start in enumerate(range(0, rows, step))
+    ]
 
 
 def split_list(cfg: IngestSection, task: ListTask, attempt: Attempt) -> ShardResult:
-    """Reads one URL list (in this task, never on the driver) and writes its input shards."""
-    table = read_url_list(task.url, cfg.url_col, cfg.caption_col, cfg.extra_cols)
-    parts = shard_table(table, cfg.shard_size)
-    if len(parts) > LIST_STRIDE:
-        raise InputError(
-            f"ingest.url_lists: {task.url}: {table.num_rows} rows make more than {LIST_STRIDE} shards of "
-            f"{cfg.shard_size}; split the list or raise ingest.shard_size"
-        )
-    for j, part in enumerate(parts):
-        storage.write_parquet(attempt.path(f"{shard_name(task.index * LIST_STRIDE + j, task.digits)}.parquet"), part)
-    return ShardResult(samples_in=table.num_rows, samples_out=table.num_rows)
+    """Streams rows [start, stop) of one URL list (in this task, never on the driver) into input
+    shards of `shard_size` rows; memory stays one shard whatever the list's size."""
+    shard = task.index * LIST_STRIDE + task.start // cfg.shard_size
+    pending: list[pa.Table] = []
+    rows = 0
+
+    def flush(table: pa.Table) -> None:
+        nonlocal shard
+        if shard >= (task.index + 1) * LIST_STRIDE:
+            raise InputError(f"ingest.url_lists: {task.url}: more than {LIST_STRIDE} shards; split the list")
+        storage.write_parquet(attempt.path(f"{shard_name(shard, task.digits)}.parquet"), table)
+        shard += 1
+
+    for batch in iter_url_list(task.url, cfg.url_col, cfg.caption_col, cfg.extra_cols, task.start, task.stop):
+        pending.append(batch)
+        rows += batch.num_rows
+        buffered = sum(t.num_rows for t in pending)
+        while buffered >= cfg.shard_size:
+            table = pa.concat_tables(pending)
+            flush(table.slice(0, cfg.shard_size))
+            pending, buffered = [table.slice(cfg.shard_size)], buffered - cfg.shard_size
+    if sum(t.num_rows for t in pending):
+        flush(pa.concat_tables(pending))
+    return ShardResult(samples_in=rows, samples_out=rows)
 
 
 def _downloader(cfg: IngestSection, output_folder: str, columns: list[str], digits: int):
@@ -195,7 +233,8 @@ class IngestStage(Stage):
             self.inspect_inputs()
         storage.write_json(self._input_url("_lists.json"), self._lists)
         digits = list_digits(len(cfg.url_lists))
-        tasks = [ListTask(f"{i:05d}", url, i, digits) for i, url in enumerate(cfg.url_lists)]
+        rows = [self._lists[storage.absolute(url)]["rows"] for url in cfg.url_lists]
+        tasks = [t for i, url in enumerate(cfg.url_lists) for t in list_tasks(url, i, rows[i], cfg.shard_size, digits)]
         records = self.run_shards(ctx, tasks, ledger=Ledger(self._input_url()), label="ingest (plan)")
         names = [f.removesuffix(".parquet") for t in tasks for f in sorted(records[t.shard].files)]
         info = {"shards": names, "rows": sum(r.samples_in for r in records.values()), "digits": digits}
