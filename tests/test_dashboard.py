@@ -130,6 +130,7 @@ def test_page_of_a_real_run(run, tmp_path, monkeypatch):
     assert memory in remote and unbuilt(remote.replace(memory, str(out))) == unbuilt(html)
 
     # a failed shard is listed (escaped); once every stage is done the page stops refreshing
+    storage.write_json(str(out / "train" / "_fingerprint.json"), {"stage": "train"})  # it started, then
     Ledger(str(out / "train")).record_failure("00000", "ValueError: bad <shard> & co\nsecond line")
     html = dashboard.build_page(recipe, None)
     assert _states(html)["train"] == "failed" and REFRESH in html

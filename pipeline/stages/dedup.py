@@ -20,6 +20,7 @@ task holds one group or one bucket. Decisions do not depend on the grouping (see
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,12 @@ def _read_scan(part: ScanShard, columns: list[str]) -> tuple[pa.Table, np.ndarra
     return table, rules.sample_ids(part.index, table.num_rows)
 
 
+def _each(fn, items, threads: int = 8) -> list:
+    """fn over items on a few threads (object-store reads wait ~30 ms each), results in order."""
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
+
+
 def _sids(urls: tuple[str, ...], group: int, column: str = "sid") -> np.ndarray:
     table = read_partition(list(urls), group, [column]) if urls else None
     return np.array([], dtype=np.uint64) if table is None else table[column].to_numpy().astype(np.uint64)
@@ -88,7 +95,7 @@ class MapTask(DedupTask):
     distance: int | None
 
     def make(self, attempt: Attempt) -> ShardResult:
-        tables, sids = zip(*(_read_scan(p, ["url", "caption", "sha256", "phash", "reason"]) for p in self.parts))
+        tables, sids = zip(*_each(lambda p: _read_scan(p, ["url", "caption", "sha256", "phash", "reason"]), self.parts))
         table, sid = pa.concat_tables(tables), np.concatenate(sids)
         dropped = _sids(self.earlier, self.group)
         alive = pc.is_null(table["reason"]).to_numpy(zero_copy_only=False) & ~np.isin(sid, dropped)
@@ -190,28 +197,29 @@ class DecideTask(DedupTask):
             rule: rules.non_roots(_read_edges(urls, self.group)) if rule == "near" else _sids(urls, self.group)
             for rule, urls in self.drops
         }
-        counts: dict[str, int] = {}
-        kept = []
         columns = [f.name for f in FILTERED_MANIFEST if f.name != "source_shard"] + ["reason"]
-        for part in self.parts:
+        paths = [attempt.path(f"{part.shard}.parquet") for part in self.parts]  # files in shard order
+
+        def decide(i: int) -> tuple[list[str | None], pa.Table]:
+            part = self.parts[i]
             table, sid = _read_scan(part, columns)
             reasons = table["reason"].to_pylist()
             for rule, sids in dropped.items():
-                for i in np.flatnonzero(np.isin(sid, sids)):
-                    reasons[i] = RULES[rule]
+                for k in np.flatnonzero(np.isin(sid, sids)):
+                    reasons[k] = RULES[rule]
             decided = pa.table({"key": table["key"], "reason": pa.array(reasons, pa.string())})
-            storage.write_parquet(attempt.path(f"{part.shard}.parquet"), decided.cast(DECISIONS))
+            storage.write_parquet(paths[i], decided.cast(DECISIONS))
+            rows = table.filter(pa.array([r is None for r in reasons])).drop_columns(["reason"])
+            rows = rows.append_column("source_shard", pa.array([part.shard] * rows.num_rows, pa.string()))
+            return reasons, rows.append_column("source_tar", pa.array([part.tar] * rows.num_rows, pa.string()))
+
+        counts: dict[str, int] = {}
+        kept = []
+        for reasons, rows in _each(decide, range(len(self.parts))):
             for reason in reasons:
                 if reason is not None:
                     counts[reason] = counts.get(reason, 0) + 1
-            mask = pa.array([r is None for r in reasons])
-            rows = table.filter(mask).drop_columns(["reason"])
-            n = rows.num_rows
-            kept.append(
-                rows.append_column("source_shard", pa.array([part.shard] * n, pa.string())).append_column(
-                    "source_tar", pa.array([part.tar] * n, pa.string())
-                )
-            )
+            kept.append(rows)
         table = pa.concat_tables(kept)
         fs, path = storage.get_fs(attempt.path(f"kept-{self.shard}.parquet"))
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
