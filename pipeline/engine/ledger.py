@@ -141,19 +141,18 @@ class Ledger:
 
     # -- records ------------------------------------------------------------------------------
     def done(self) -> dict[str, ShardRecord]:
-        """Every committed record, in a handful of requests whatever the shard count: the summary
+        """Every committed record, in shard order, in a handful of requests whatever the shard count: the summary
         (one GET); when it does not hold every shard of its run, one listing of `_ledger/` and
         one batched read of the records it lacks. The summary is only a cache: deleted, stale or
         unreadable, the result is the same."""
         records, total = self._read_summary()
-        if total is not None and len(records) >= total:
-            return records
-        names = storage.list_names(self.path("_ledger"), ".json")
-        missing = [self.path("_ledger", n) for n in names if n.removesuffix(".json") not in records]
-        for data in storage.read_many(missing).values():
-            d = json.loads(data)
-            records[d["shard"]] = ShardRecord.from_dict(d)
-        return records
+        if total is None or len(records) < total:
+            names = storage.list_names(self.path("_ledger"), ".json")
+            missing = [self.path("_ledger", n) for n in names if n.removesuffix(".json") not in records]
+            for data in storage.read_many(missing).values():
+                d = json.loads(data)
+                records[d["shard"]] = ShardRecord.from_dict(d)
+        return dict(sorted(records.items()))
 
     def _read_summary(self) -> tuple[dict[str, ShardRecord], int | None]:
         try:

@@ -270,7 +270,7 @@ class DedupPlan:
 
     def groups(self, shards: list[ScanShard]) -> list[tuple[ScanShard, ...]]:
         ends = [*self.group_starts[1:], len(shards)]
-        return [tuple(shards[s:e]) for s, e in zip(self.group_starts, ends)]
+        return [tuple(shards[s:e]) for s, e in zip(self.group_starts, ends) if e > s]
 
 
 class Dedup:

@@ -179,11 +179,15 @@ def _pairs_sharing(k1: np.ndarray, k2: np.ndarray, hashes: np.ndarray, distance:
     """Index pairs of rows with equal (k1, k2) whose hashes are within `distance` bits, comparing
     only inside runs of equal keys, all runs at once (one vectorised pass per offset, so the work
     is the sum of the runs' squares, not a Python loop per run). Runs longer than `_LEAF` are
-    not compared; their row indices come back for a further split."""
+    not compared; their row indices come back for a further split.
+
+    The two keys are mixed into one 64-bit key for a single sort: equal keys stay equal, and the
+    rare unequal ones that collide only add comparisons (every pair is checked bit by bit)."""
     n = len(hashes)
-    order = np.lexsort((k2, k1))
-    k1, k2 = k1[order], k2[order]
-    starts = np.flatnonzero(np.concatenate([[True], (k1[1:] != k1[:-1]) | (k2[1:] != k2[:-1])]))
+    key = mix64(mix64(k1) ^ k2)
+    order = np.argsort(key)
+    key = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     lengths = np.diff(np.concatenate([starts, [n]]))
     long = [order[s : s + n_] for s, n_ in zip(starts[lengths > _LEAF], lengths[lengths > _LEAF])]
     active = np.flatnonzero(np.repeat(lengths, lengths) <= np.minimum(_LEAF, n))
@@ -193,7 +197,7 @@ def _pairs_sharing(k1: np.ndarray, k2: np.ndarray, hashes: np.ndarray, distance:
         nxt = active + offset
         ok = nxt < n
         active, nxt = active[ok], nxt[ok]
-        ok = (k1[active] == k1[nxt]) & (k2[active] == k2[nxt])  # still inside the run
+        ok = key[active] == key[nxt]  # still inside the run
         active, nxt = active[ok], nxt[ok]
         a, b = order[active], order[nxt]
         near = _popcount(hashes[a] ^ hashes[b]) <= distance
@@ -220,7 +224,9 @@ def near_edges(band_key: np.ndarray, sid: np.ndarray, phash: np.ndarray, distanc
         return np.empty((0, 2), dtype=np.uint64)
     links_a, links_b = [], []
     # identical hashes: link every sample to the smallest sid of its hash
-    unique = np.unique(np.stack([phash, sid], axis=1), axis=0)  # sorted by (phash, sid)
+    order = np.lexsort((sid, phash))
+    pairs = np.stack([phash[order], sid[order]], axis=1)  # sorted by (phash, sid)
+    unique = pairs[np.concatenate([[True], np.any(pairs[1:] != pairs[:-1], axis=1)])]
     first = np.concatenate([[True], unique[1:, 0] != unique[:-1, 0]])
     rep_of_hash = np.maximum.accumulate(np.where(first, np.arange(len(unique)), 0))
     links_a.append(unique[~first, 1])
