@@ -93,15 +93,15 @@ def main() -> None:
     gen = models(args, device, dtype)
     cfg, n = gen.dalle.cfg, gen.dalle.cfg.image_len
     text = gen.text_ids(PROMPT, args.batch).to(device)
-    g = torch.Generator(device).manual_seed(0)
-    sample_image_tokens(gen.dalle, text[:2], generator=g)  # warm-up (allocator, kernels)
+    seeds = list(range(args.batch))
+    sample_image_tokens(gen.dalle, text[:2], seeds=seeds[:2])  # warm-up (allocator, kernels)
 
-    full_s, _ = _timed(lambda: sample_image_tokens(gen.dalle, text, generator=g), device)
+    full_s, _ = _timed(lambda: sample_image_tokens(gen.dalle, text, seeds=seeds), device)
     k = min(args.recompute_tokens, n)
     prefix = torch.randint(0, cfg.image_vocab, (args.batch, n - k), device=device)
-    cached_s, _ = _timed(lambda: sample_image_tokens(gen.dalle, text, generator=g, prefix=prefix), device)
+    cached_s, _ = _timed(lambda: sample_image_tokens(gen.dalle, text, seeds=seeds, prefix=prefix), device)
     recompute_s, _ = _timed(
-        lambda: sample_image_tokens(gen.dalle, text, generator=g, prefix=prefix, use_cache=False), device
+        lambda: sample_image_tokens(gen.dalle, text, seeds=seeds, prefix=prefix, use_cache=False), device
     )
     sampling = SamplingConfig(batch_size=args.batch)
     total_s, result = _timed(lambda: gen.generate(PROMPT, args.candidates, sampling), device)

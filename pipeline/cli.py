@@ -5,7 +5,8 @@
     dalle dashboard RECIPE [key=value ...] [--port 8266] [--address RAY_DASHBOARD_URL]
     dalle validate STAGE_DIR [--json]
     dalle export CKPT OUT [--weights ema|model]
-    dalle plan RECIPE [key=value ...] --gpus N --gpu-mem GB [--gpus-per-node 8] [--json]
+    dalle plan RECIPE [key=value ...] --gpus N --gpu-mem GB [--gpus-per-node 8] [--host-mem GB] [--net-gbps 400]
+               [--gpu-tflops 312] [--mfu 0.45] [--json]
     dalle sample MODEL "a red cube to the left of a blue sphere" [--n 64] [--top 8] [--out grid.png]
     dalle report RECIPE [key=value ...]
     dalle submit RECIPE [key=value ...] [--address URL] [--follow] [--force STAGE] [--until STAGE]
@@ -66,7 +67,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
 
     export = sub.add_parser("export", help="consolidated model weights from a training checkpoint")
     export.add_argument("checkpoint", help="a checkpoint_* folder, or a train stage folder (its newest checkpoint)")
-    export.add_argument("out", help="output folder (model.pt + config.json)")
+    export.add_argument("out", help="output folder (safetensors weights + config.json)")
     export.add_argument(
         "--weights", choices=("ema", "model"), default="ema", help="the EMA weights (when kept) or the engine's"
     )
@@ -77,6 +78,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs in total (data-parallel workers)")
     plan.add_argument("--gpu-mem", type=_positive_float, required=True, metavar="GB", help="memory per GPU")
     plan.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--host-mem", type=_positive_float, metavar="GB", help="host memory per node (checked if given)")
+    plan.add_argument("--net-gbps", type=_positive_float, default=400.0, help="network per node (default 400)")
+    plan.add_argument("--gpu-tflops", type=_positive_float, default=312.0, help="dense bf16 peak (default 312, A100)")
+    plan.add_argument(
+        "--mfu", type=_positive_float, default=0.45, help="assumed model FLOPs utilisation (default 0.45)"
+    )
     plan.add_argument("--json", action="store_true", help="print JSON")
 
     sample = sub.add_parser("sample", help="images for a prompt, reranked by CLIP, as a PNG grid")
@@ -88,7 +95,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     sample.add_argument("--temperature", type=_positive_float, default=1.0)
     sample.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
     sample.add_argument("--top-p", type=_positive_float, default=None, help="nucleus sampling mass in (0, 1]")
-    sample.add_argument("--batch-size", type=_positive_int, default=64, help="candidates drawn together")
+    sample.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="candidates drawn together (default: as many as fit in the device's free memory; images do not depend on it)",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--columns", type=_positive_int, default=8, help="grid columns")
     sample.add_argument("--complete", metavar="IMAGE", help="image completion: keep the top rows of IMAGE")
@@ -237,8 +249,9 @@ def _plan(args: argparse.Namespace) -> int:
     from pipeline.commands.plan import format_plan, plan, plan_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
-    shape, request = plan_inputs(recipe, args.gpus, args.gpu_mem, args.gpus_per_node)
-    result = plan(shape, request)
+    cluster = {"host_mem_gb": args.host_mem, "net_gbps": args.net_gbps, "gpu_tflops": args.gpu_tflops, "mfu": args.mfu}
+    shape, request, runtime = plan_inputs(recipe, args.gpus, args.gpu_mem, args.gpus_per_node, **cluster)
+    result = plan(shape, request, runtime)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 

@@ -149,12 +149,16 @@ def upload_folder(local: str, url: str) -> None:
         fs.put(sources, targets)
 
 
-def download_folder(url: str, local: str) -> None:
-    """Copies every file under `url` into the local folder `local`, keeping relative paths."""
+def download_folder(url: str, local: str, files: list[str] | None = None) -> None:
+    """Copies every file under `url` (or only `files`, paths relative to it) into the local folder
+    `local`, keeping relative paths."""
     fs, root = get_fs(url)
     root = root.rstrip("/")
-    # keys ending in "/" are folder markers (pyarrow's S3 filesystem, so Ray Train, writes them)
-    sources = [p for p in fs.find(root) if not p.endswith("/")]
+    if files is None:
+        # keys ending in "/" are folder markers (pyarrow's S3 filesystem, so Ray Train, writes them)
+        sources = [p for p in fs.find(root) if not p.endswith("/")]
+    else:
+        sources = [posixpath.join(root, f) for f in files]
     targets = [os.path.join(local, *posixpath.relpath(p, root).split("/")) for p in sources]
     for parent in {os.path.dirname(t) for t in targets}:
         os.makedirs(parent, exist_ok=True)
@@ -162,15 +166,28 @@ def download_folder(url: str, local: str) -> None:
         fs.get(sources, targets)
 
 
+def file_sizes(url: str) -> dict[str, int]:
+    """Relative path -> size of every file under `url`, from one recursive listing (a few requests
+    on object stores, whatever the file count)."""
+    fs, root = get_fs(url)
+    root = root.rstrip("/")
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {posixpath.relpath(p, root): int(info["size"]) for p, info in found.items() if not p.endswith("/")}
+
+
 @contextlib.contextmanager
-def local_copy(url: str) -> Iterator[str]:
-    """A local folder holding the files under `url`, for libraries that read only local disk:
-    the folder itself when it is local, else a temporary download (removed on exit)."""
+def local_copy(url: str, files: list[str] | None = None) -> Iterator[str]:
+    """A local folder holding the files under `url` (or only `files`, relative to it), for libraries
+    that read only local disk: the folder itself when it is local, else a temporary download
+    (removed on exit)."""
     if is_local(url):
         yield get_fs(url)[1]
         return
     with tempfile.TemporaryDirectory(prefix="download-") as tmp:
-        download_folder(url, tmp)
+        download_folder(url, tmp, files)
         yield tmp
 
 

@@ -259,3 +259,15 @@ def train_step(progress: Path) -> int:
         return json.loads(progress.read_text())["step"]
     except (OSError, ValueError):  # not written yet, or caught mid-write
         return 0
+
+
+def train_update_keys(out) -> dict[int, list[str]]:
+    """step -> the sorted keys every rank trained on at that update (whatever the world size of
+    each stretch of the run), from the ranks' checkpoint-interval files."""
+    updates: dict[int, list[str]] = collections.defaultdict(list)
+    for f in sorted((out / "train" / "_train" / "sample_keys").glob("rank_*/*.json")):
+        record = json.loads(f.read_text())
+        first = record["last_step"] - len(record["keys"]) + 1
+        for step, keys in enumerate(record["keys"], start=first):
+            updates[step] += keys
+    return {step: sorted(keys) for step, keys in sorted(updates.items())}

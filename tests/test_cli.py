@@ -195,6 +195,9 @@ def test_plan_for_the_12b_recipe_on_64_and_512_gpus():
         plan = json.loads(result.stdout)
         assert 12.0e9 < plan["params"] < 12.5e9 and plan["gpus"] == gpus
         assert plan["recipe"]["zero_stage"] == 3 and plan["recipe"]["fits"]
+        for key in ("gpu_peak_gb", "host_peak_gb_per_node", "step_seconds", "comm_gb_per_step"):
+            assert plan[key] > 0, key
+        assert plan["recipe"]["hpz_copy_gb"] > 0  # the recipe follows the ZeRO++ advice
         zero0 = [r for r in plan["model_states"] if r["zero_stage"] == 0][0]
         assert not zero0["fits"]  # 16 bytes x 12.3B parameters on one 80 GB GPU
     text = dalle("plan", "jobs/laion-250m-12b.yaml", "--gpus", "8", "--gpu-mem", "24")

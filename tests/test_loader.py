@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from pipeline.data.loader import ShardSpan, ShardStream, read_span, split_holdout
+from pipeline.data.loader import BatchLayout, ShardSpan, ShardStream, read_span, split_holdout
 from pipeline.data.shards import write_tar
 from pipeline.errors import ShardError
 
@@ -97,3 +97,44 @@ def test_loader_workers_keep_the_sequence(spans):
     ref = list(itertools.islice(stream.batches(3, position=4), 9))
     assert [len(b) for b in ref] == [3] * 9  # 4 + 27 samples: three epochs of a 10-sample slice
     assert list(itertools.islice(stream.batches(3, position=4, workers=2), 9)) == ref
+
+
+def _update_keys(layout, spans, world, steps, start=0):
+    """step -> sorted keys of every slot of that update, over all ranks of `world`."""
+    per_rank = [
+        layout.rank_batches(spans, r, world, seed=5, decode=_key, batch_size=2, step=start) for r in range(world)
+    ]
+    out = {}
+    for step in range(start, start + steps):
+        keys = []
+        for updates in per_rank:
+            for _, batch in next(updates):
+                keys += batch
+        out[step] = sorted(keys)
+    return out
+
+
+def test_a_run_resumed_on_another_world_size_trains_each_update_on_the_same_samples(spans):
+    """Lanes x per-lane micro-batches make an update; 4 slots split over 4, 2 or 1 workers give the
+    same samples at every step (across epochs too), so 2 -> 1 -> 4 workers = an uninterrupted run."""
+    layout = BatchLayout(lanes=2, per_lane=2)
+    ref = _update_keys(layout, spans, 2, 12)
+    assert all(len(v) == 8 for v in ref.values())
+    changed = {**_update_keys(layout, spans, 2, 3), **_update_keys(layout, spans, 1, 4, 3)}
+    changed.update(_update_keys(layout, spans, 4, 5, 7))
+    assert changed == ref
+    assert layout.owned(1, 2) == [(1, 0), (1, 1)] and layout.owned(0, 1) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert layout.owned(3, 4) == [(1, 1)]
+    assert layout.problem(4) is None and layout.problem(3).endswith("use a worker count that divides 4")
+
+
+def test_the_layout_of_a_fresh_run_reads_as_the_plain_stream(spans):
+    """With one lane per worker and one micro-batch each, rank r's batches are its ShardStream's."""
+    layout = BatchLayout(lanes=2, per_lane=1)
+    stream = ShardStream(spans, rank=1, world=2, seed=5, decode=_key)
+    got = [
+        batch
+        for update in itertools.islice(layout.rank_batches(spans, 1, 2, seed=5, decode=_key, batch_size=3, step=2), 4)
+        for _, batch in update
+    ]
+    assert got == list(itertools.islice(stream.batches(3, position=6), 4))

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from pipeline.commands.plan import GB, USABLE_FRACTION, ModelShape, PlanRequest, activation_memory, format_plan, plan
+from pipeline.commands.plan_runtime import RuntimeRequest
 
 LAYERS, D = 64, 3968
 # 12·d² per block (attention 4d², MLP 8d²) plus the token embeddings and the two output heads.
@@ -63,7 +64,7 @@ def test_zero2_and_zero3_rows_are_deepspeeds_estimates(gpus):
         assert row["gpu_gb"] == gpu / GB and row["cpu_gb_per_node"] == cpu / GB
     for offload in ("none", "optimizer", "optimizer+params"):
         cpu, gpu, _ = z3(
-            SHAPE.params, SHAPE.largest_layer_params, 8, nodes, offload != "none", offload == "optimizer+params", False
+            SHAPE.params, SHAPE.largest_layer_params, 8, nodes, offload != "none", offload == "optimizer+params", True
         )
         row = rows[(3, offload)]
         assert row["source"] == "deepspeed"
@@ -128,7 +129,8 @@ def test_zero3_12b_on_80gb_fits_with_checkpointing(gpus):
     recipe = plan(SHAPE, request(gpus=gpus))["recipe"]
     assert recipe["fits"] and "hint" not in recipe
     assert recipe["total_gb"] <= 80 * USABLE_FRACTION
-    assert recipe["total_gb"] == pytest.approx(recipe["model_states_gb"] + recipe["activations_gb"])
+    runtime = sum(recipe[k] for k in ("live_params_gb", "buckets_gb", "hpz_copy_gb", "ema_gb", "ema_eval_gb"))
+    assert recipe["total_gb"] == pytest.approx(recipe["model_states_gb"] + recipe["activations_gb"] + runtime)
     assert recipe["max_micro_batch"] >= 1
 
 
@@ -194,3 +196,40 @@ def test_impossible_requests_are_refused():
         dataclasses.replace(SHAPE, text_len=SHAPE.seq_len)
     # A single node smaller than 8 GPUs is fine: gpus_per_node caps at gpus.
     assert plan(SHAPE, request(gpus=4))["gpus_per_node"] == 4
+
+
+def test_runtime_terms_and_step_time_of_zero3_at_512_gpus():
+    """ZeRO-3 moves 3 x 2 bytes per parameter per micro-batch; at 400 Gbps per 8-GPU node that is
+    ~12 s against ~1.8 s of compute, and the advice (ZeRO++) brings it to 1.5 bytes per parameter."""
+    run = RuntimeRequest(steps=430_000, host_mem_gb=1100)
+    result = plan(SHAPE, request(gpus=512, micro_batch=2), run)
+    step, recipe = result["step"], result["recipe"]
+    assert result["comm_gb_per_step"] == pytest.approx(6 * SHAPE.params / GB)
+    assert step["comm_seconds"] == pytest.approx(6 * SHAPE.params / (400e9 / 8 / 8))
+    assert step["compute_seconds"] == pytest.approx(8 * SHAPE.params * 2 * 1280 / (312e12 * 0.45))
+    assert result["step_seconds"] == step["comm_seconds"] and 10 < step["comm_seconds"] < 13
+    assert "hpz_partition_size=8" in recipe["advice"]
+    assert recipe["ema_gb"] == pytest.approx(4 * SHAPE.params / 512 / GB) and recipe["hpz_copy_gb"] == 0
+    runtime = sum(recipe[k] for k in ("live_params_gb", "buckets_gb", "hpz_copy_gb", "ema_gb", "ema_eval_gb"))
+    assert (
+        result["gpu_peak_gb"]
+        == recipe["total_gb"]
+        == pytest.approx(recipe["model_states_gb"] + recipe["activations_gb"] + runtime)
+    )
+    zero_pp = RuntimeRequest(steps=430_000, hpz_partition_size=8, quantized_weights=True, quantized_gradients=True)
+    after = plan(SHAPE, request(gpus=512, micro_batch=2), zero_pp)
+    assert after["comm_gb_per_step"] == pytest.approx(1.5 * SHAPE.params / GB)
+    assert after["recipe"]["hpz_copy_gb"] == pytest.approx(2 * SHAPE.params / 8 / GB)
+    assert after["step_seconds"] < result["step_seconds"] / 3
+
+
+def test_host_memory_per_node_counts_the_build_the_save_and_the_export():
+    zero3 = plan(SHAPE, request(gpus=64), RuntimeRequest(host_mem_gb=128, loader_workers=4))
+    host = zero3["host"]
+    assert host["build_gb"] == pytest.approx(4 * SHAPE.largest_layer_params / GB)  # zero.Init: one layer
+    assert host["per_rank_gb"] == pytest.approx(3.0 + 2.0 + max(host["build_gb"], host["checkpoint_save_gb"]))
+    assert zero3["host_peak_gb_per_node"] == pytest.approx(8 * host["per_rank_gb"] + host["rank0_export_gb"])
+    assert zero3["recipe"]["host_fits"] and zero3["recipe"]["fits"]
+    zero2 = plan(SHAPE, request(gpus=64, zero_stage=2), RuntimeRequest(host_mem_gb=64))
+    assert zero2["host"]["build_gb"] == pytest.approx(4 * SHAPE.params / GB)  # the whole fp32 model per rank
+    assert not zero2["recipe"]["host_fits"] and not zero2["recipe"]["fits"] and "host_hint" in zero2["recipe"]

@@ -9,7 +9,14 @@ import torch
 
 from pipeline.models import transformer
 from pipeline.models.attention import KINDS
-from pipeline.models.sampling import filter_logits, sample_image_tokens
+from pipeline.models.sampling import (
+    CandidateNoise,
+    _draw,
+    filter_logits,
+    kv_batch_size,
+    kv_cache_bytes,
+    sample_image_tokens,
+)
 from pipeline.models.transformer import Dalle, DalleConfig
 
 TINY = DalleConfig(
@@ -34,6 +41,10 @@ def make_model(schedule: str, monkeypatch: pytest.MonkeyPatch, layers: int = 4) 
     if schedule != "default":
         assert [b.kind for b in m.blocks] == [schedule] * layers
     return m
+
+
+def seeds(first: int, batch: int = 3) -> list[int]:
+    return list(range(first, first + batch))
 
 
 def make_text(batch: int = 3, seed: int = 1) -> torch.Tensor:
@@ -71,8 +82,8 @@ def test_cached_logits_equal_the_full_forward_at_every_position(schedule, prefix
 def test_cached_sampling_equals_full_recomputation(schedule, filters, monkeypatch):
     m = make_model(schedule, monkeypatch)
     text = make_text()
-    cached = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(7), **filters)
-    full = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(7), use_cache=False, **filters)
+    cached = sample_image_tokens(m, text, seeds=seeds(7), **filters)
+    full = sample_image_tokens(m, text, seeds=seeds(7), use_cache=False, **filters)
     assert cached.shape == (3, TINY.image_len) and cached.dtype == torch.long
     assert torch.equal(cached, full)
     # The rows differ (different texts and draws), so the test is not passing on a degenerate constant output.
@@ -83,8 +94,8 @@ def test_cached_sampling_equals_full_recomputation(schedule, filters, monkeypatc
 def test_one_layer_models_per_kind(kind, monkeypatch):
     m = make_model(kind, monkeypatch, layers=1)
     text = make_text()
-    cached = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(3), top_k=8)
-    full = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(3), top_k=8, use_cache=False)
+    cached = sample_image_tokens(m, text, seeds=seeds(3), top_k=8)
+    full = sample_image_tokens(m, text, seeds=seeds(3), top_k=8, use_cache=False)
     assert torch.equal(cached, full)
 
 
@@ -93,10 +104,8 @@ def test_image_completion_keeps_the_prefix(rows, monkeypatch):
     m = make_model("default", monkeypatch)
     text = make_text()
     prefix = torch.randint(0, TINY.image_vocab, (3, rows * TINY.image_grid), generator=torch.Generator().manual_seed(5))
-    cached = sample_image_tokens(m, text, generator=torch.Generator().manual_seed(9), prefix=prefix, top_p=0.95)
-    full = sample_image_tokens(
-        m, text, generator=torch.Generator().manual_seed(9), prefix=prefix, top_p=0.95, use_cache=False
-    )
+    cached = sample_image_tokens(m, text, seeds=seeds(9), prefix=prefix, top_p=0.95)
+    full = sample_image_tokens(m, text, seeds=seeds(9), prefix=prefix, top_p=0.95, use_cache=False)
     assert torch.equal(cached[:, : prefix.shape[1]], prefix)
     assert torch.equal(cached, full)
 
@@ -116,7 +125,7 @@ def test_cached_path_runs_one_new_position_per_step(monkeypatch):
         # The full (uncached) block forward must never run on the cached path.
         block.register_forward_pre_hook(lambda *_: pytest.fail("full block forward called"))
     prefix = torch.zeros(3, prefix_len, dtype=torch.long)
-    sample_image_tokens(m, make_text(), generator=torch.Generator().manual_seed(0), prefix=prefix)
+    sample_image_tokens(m, make_text(), seeds=seeds(0), prefix=prefix)
     # The prefix once, then one position for each sampled token but the last (which feeds nothing).
     steps = TINY.image_len - prefix_len - 1
     assert all(seen == [TINY.text_len + prefix_len] + [1] * steps for seen in lengths)
@@ -125,12 +134,12 @@ def test_cached_path_runs_one_new_position_per_step(monkeypatch):
 def test_full_prefix_is_returned_unchanged(monkeypatch):
     m = make_model("default", monkeypatch)
     prefix = torch.randint(0, TINY.image_vocab, (3, TINY.image_len), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(sample_image_tokens(m, make_text(), generator=None, prefix=prefix), prefix)
+    assert torch.equal(sample_image_tokens(m, make_text(), seeds=seeds(0), prefix=prefix), prefix)
 
 
 def test_sampling_restores_training_mode(monkeypatch):
     m = make_model("default", monkeypatch).train()
-    sample_image_tokens(m, make_text(), generator=torch.Generator().manual_seed(0))
+    sample_image_tokens(m, make_text(), seeds=seeds(0))
     assert m.training
 
 
@@ -173,3 +182,44 @@ def test_best_token_always_survives():
         filter_logits(logits, top_k=0)
     with pytest.raises(ValueError):
         filter_logits(logits, top_p=0.0)
+
+
+def test_a_candidate_depends_on_its_seed_not_on_its_batch(monkeypatch):
+    m = make_model("default", monkeypatch)
+    text = make_text(batch=5)
+    whole = sample_image_tokens(m, text, seeds=[11, 12, 13, 14, 15], top_k=8)
+    parts = [
+        sample_image_tokens(m, text[i : i + 2], seeds=[11 + i, 12 + i][: len(text[i : i + 2])], top_k=8)
+        for i in (0, 2, 4)
+    ]
+    assert torch.equal(torch.cat(parts), whole)
+    again = sample_image_tokens(m, text[[2, 0]], seeds=[13, 11], top_k=8)
+    assert torch.equal(again, whole[[2, 0]])
+    assert not torch.equal(sample_image_tokens(m, text[:1], seeds=[99], top_k=8), whole[:1])
+    with pytest.raises(ValueError, match="2 seeds for 5 candidates"):
+        sample_image_tokens(m, text, seeds=[1, 2])
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    """The per-candidate noise gives the same distribution as multinomial sampling."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    noise = CandidateNoise([3], 5, torch.device("cpu"))
+    counts = torch.bincount(torch.cat([_draw(logits, noise, 1.0, None, None) for _ in range(20_000)]), minlength=5)
+    expected = logits.softmax(-1)[0] * 20_000
+    assert counts[4] == 0
+    assert ((counts.float() - expected).abs() <= 4 * expected.sqrt() + 1).all(), (counts, expected)
+    assert _draw(logits, CandidateNoise([3], 5, torch.device("cpu")), 1.0, 1, None).item() == 0  # top-1: greedy
+
+
+def test_the_batch_follows_the_kv_cache_memory():
+    from pipeline.models.transformer import PRESETS, DalleConfig
+
+    big = DalleConfig(**PRESETS["12b"], text_len=256, text_vocab=16384, image_grid=32, image_vocab=8192)
+    per = kv_cache_bytes(big, torch.bfloat16)
+    assert per / 1e9 == pytest.approx(2 * 64 * 1280 * 3968 * 2 / 1e9)  # ≈1.3 GB a candidate at 12B
+    assert 80e9 / per < 64  # the old default batch of 64 cannot fit beside nothing on an 80 GB GPU
+    free = 80e9 - 24.6e9  # an 80 GB GPU after the bf16 weights
+    size = kv_batch_size(big, torch.bfloat16, int(free))
+    assert 25 <= size <= 40 and size * per <= 0.8 * free
+    assert kv_batch_size(big, torch.bfloat16, 10**6) == 1
+    assert kv_batch_size(TINY, torch.float32, 10**12) == 512

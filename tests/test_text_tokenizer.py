@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.models.bpe import TextTokenizer, train_tokenizer
+from pipeline.models.bpe import TextTokenizer, dropout_rng, train_tokenizer
 
 CAPTIONS = [
     f"a {s} {c} {shape} on the {p}"
@@ -50,13 +50,37 @@ def test_unseen_characters_have_no_unknown_token(tok):
 
 
 def test_bpe_dropout_varies_the_encoding_only_when_asked(tok):
-    text = TextTokenizer(tok, text_len=64, dropout=0.5)
+    text = TextTokenizer(tok, text_len=64)
     caption = "a large yellow triangle on the right"
     plain = {tuple(text.encode(caption)) for _ in range(20)}
-    dropped = {tuple(text.encode(caption, dropout=True)) for _ in range(20)}
+    rng = np.random.default_rng(0)
+    dropped = {tuple(text.encode(caption, 0.5, rng)) for _ in range(20)}
     assert len(plain) == 1
     assert len(dropped) > 1
     assert all(text.decode(d).strip() == caption for d in dropped)
+
+
+def test_bpe_dropout_at_rate_zero_is_the_library_encoding(tok):
+    """The seeded merge loop at p = 0 segments exactly as `tokenizers` does."""
+    text = TextTokenizer(tok, text_len=64)
+    rng = np.random.default_rng(0)
+    for caption in [*CAPTIONS[:40], "Zebra ✓ 東京 circles, SQUARES!", "  leading  and  doubled  spaces "]:
+        assert text._merged_ids(caption, 0.0, rng) == text.ids(caption)
+
+
+def test_bpe_dropout_is_a_function_of_seed_epoch_and_key(tok):
+    text = TextTokenizer(tok, text_len=64)
+    caption = "a small green square on the top a large blue circle on the left"
+
+    def draw(seed, epoch, key):
+        return tuple(text.encode(caption, 0.3, dropout_rng(seed, epoch, key)))
+
+    assert draw(0, 1, "000010001") == draw(0, 1, "000010001")
+    assert len({draw(0, e, "000010001") for e in range(8)}) > 1
+    assert len({draw(0, 1, f"0000100{k:02d}") for k in range(8)}) > 1
+    assert len({draw(s, 1, "000010001") for s in range(8)}) > 1
+    with pytest.raises(ValueError, match="generator"):
+        text.encode(caption, 0.3)
 
 
 # -- the stage's caption stream --------------------------------------------------------------------

@@ -11,18 +11,31 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
 import yaml
-from helpers import compare_keys, dalle, kill_run_when, recipe_at, run_until, train_sample_keys, train_step
+from helpers import (
+    compare_keys,
+    dalle,
+    kill_run_when,
+    recipe_at,
+    run_until,
+    train_sample_keys,
+    train_step,
+    train_update_keys,
+)
 
+from pipeline.config.models import TrainConfig
 from pipeline.data.loader import read_span, split_holdout
 from pipeline.engine.ledger import Ledger
+from pipeline.errors import StageFailed
 from pipeline.models.transformer import load_dalle
 from pipeline.observe.tracking import read_metrics
 from pipeline.stages.train import TransformerTask
 from pipeline.train import checkpoint
+from pipeline.train.trainer import _prepare_resume
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +164,33 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
     assert wandb_runs == {run_id}
 
 
+def test_a_run_resumes_on_another_world_size_2_1_2_with_the_samples_of_an_uninterrupted_run(tmp_path, run, reference):
+    """SIGKILLed on 2 workers after checkpoint 10, resumed on 1 (DeepSpeed's universal checkpoint,
+    the EMA shards re-cut, each update's two micro-batches on one rank), SIGKILLed after checkpoint
+    20, finished on 2 again: every update trains on the uninterrupted run's samples."""
+    recipe, out = _train_recipe(tmp_path, run)
+    progress = out / "train" / "_train" / "progress.json"
+    for workers, stop in ((2, 12), (1, 22)):
+        kill_run_when(
+            ["run", str(recipe), "--until", "train", "--no-progress", f"transformer.train.workers={workers}"],
+            lambda stop=stop: train_step(progress) >= stop,
+            timeout=400,
+        )
+    run_dir = out / "train" / "_train" / "run"
+    assert json.loads((run_dir / "checkpoint_00000020" / "trainer_state.json").read_text())["world"] == 1
+    run_until(recipe, "train")
+    assert (run_dir / "checkpoint_00000010" / "deepspeed_universal.json").exists()
+    metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
+    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10, 20]
+    got, ref = train_update_keys(out), train_update_keys(reference)
+    assert sorted(got) == list(range(1, 41))
+    missing = sum((Counter(ref[s]) - Counter(got[s])).total() for s in ref)
+    duplicate = sum((Counter(got[s]) - Counter(ref[s])).total() for s in ref)
+    assert (missing, duplicate) == (0, 0) and got == ref
+    # the same updates from the same states: the losses follow the uninterrupted run's
+    assert _losses(out) == pytest.approx(_losses(reference), rel=1e-3)
+
+
 def test_zero3_with_ema_trains_and_exports_the_engine_and_ema_weights(tmp_path, run):
     """ZeRO-3 with a sharded EMA, activation checkpointing and 2 DataLoader workers per rank."""
     recipe, out = _train_recipe(
@@ -185,6 +225,21 @@ def test_export_and_resume_refuse_bad_input_with_one_line(tmp_path, reference):
     assert result.returncode == 2 and "no complete training checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     run_dir = str(reference / "train" / "_train" / "run")
-    assert checkpoint.resumable(run_dir, world=2)["step"] == 40
-    with pytest.raises(checkpoint.CheckpointMismatch, match="written by 2 workers, this run has 4"):
-        checkpoint.resumable(run_dir, world=4)
+    url, state = checkpoint.resumable(run_dir)
+    assert state["step"] == 40 and (state["world"], state["lanes"], state["per_lane"]) == (2, 2, 1)
+    for world in (1, 2):  # a worker count that shares the updates equally needs no conversion check here
+        _prepare_resume("train", run_dir, TrainConfig(workers=world, zero_stage=0))
+    with pytest.raises(StageFailed) as err:
+        _prepare_resume("train", run_dir, TrainConfig(workers=3, zero_stage=0))
+    assert str(err.value) == (
+        f"stage 'train': cannot resume {url} on 3 workers: the run's updates are 2 micro-batches (2 lanes x 1), "
+        "which 3 workers cannot share equally; use a worker count that divides 2"
+    )
+    # each rank of the run reads only its own partitions and the shared files to resume
+    own = [set(checkpoint.rank_files(url, r)) for r in range(2)]
+    shared = {"trainer_state.json", "task.json", "latest", "zero_to_fp32.py", "zero_to_torch.py"}
+    assert own[0] & own[1] == shared | {"deepspeed/mp_rank_00_model_states.pt"}
+    for rank, files in enumerate(own):
+        assert {f for f in files if "zero_pp_rank" in f} == {
+            f"deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        }

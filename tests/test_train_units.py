@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.config.models import DVAESection, TrainConfig
 from pipeline.stages.dvae import codebook_stats, schedules
-from pipeline.train.ema import EMA, merge_shards
+from pipeline.train.ema import EMA, merge_shards, reshard
 from pipeline.train.engine import deepspeed_config, merge
+from pipeline.train.evaluation import sharded_means, share
 from pipeline.train.loop import step_seed
 from pipeline.train.schedules import cosine, learning_rate
 
@@ -106,3 +108,93 @@ def test_codebook_stats():
     stats = codebook_stats(peaked)
     assert stats["perplexity"] == pytest.approx(1.0) and stats["codebook_usage"] == 1 / k
     assert math.isfinite(stats["perplexity"])
+
+
+def test_ema_shards_of_one_world_reshard_for_another():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 3), torch.nn.Linear(3, 1))
+    saved = [EMA(model, decay=0.5, rank=r, world=3).state_dict() for r in range(3)]
+    for world in (1, 2, 4):
+        cut = [reshard(saved, r, world) for r in range(world)]
+        assert {c["world"] for c in cut} == {world} and [c["rank"] for c in cut] == list(range(world))
+        for name, value in merge_shards(cut).items():
+            torch.testing.assert_close(value, dict(model.named_parameters())[name].detach())
+        fresh = EMA(model, decay=0.5, rank=world - 1, world=world)
+        fresh.load_state_dict(cut[-1])  # the layout a rank of that world would have made itself
+        assert all(torch.equal(fresh.shadow[k], v) for k, v in EMA(model, 0.5, world - 1, world).shadow.items())
+
+
+def test_each_rank_evaluates_an_equal_padded_share_and_the_means_count_real_samples_only():
+    held = list(range(7))
+    parts = [share(held, r, 3) for r in range(3)]
+    assert parts == [([0, 1, 2], 3), ([3, 4, 5], 3), ([6, 0, 0], 1)]
+    assert share([], 0, 2) == ([], 0)
+    assert share([1], 1, 2) == ([1], 0)  # a rank past the end still runs the collective forwards
+    means = sharded_means({"loss": np.array([1.0, 3.0, 100.0])}, real=2)  # one process: its own share
+    assert means == {"loss": 2.0}
+
+
+def _encoded_shards(tmp_path, captions):
+    """Two encoded shards (text tokens from the plain tokenizer, as encode writes them) and the
+    tokenizer's URL."""
+    from pipeline.data.loader import ShardSpan
+    from pipeline.data.shards import npy_bytes, write_tar
+    from pipeline.models.bpe import TextTokenizer, train_tokenizer
+
+    tok = train_tokenizer(captions, vocab_size=300)
+    url = tmp_path / "tokenizer.json"
+    url.write_text(tok.to_str())
+    text = TextTokenizer(tok, 32)
+    spans = []
+    for s in range(2):
+        samples = [
+            {
+                "__key__": f"{s:05d}{i:04d}",
+                "txt": captions[s * 6 + i],
+                "text_tokens.npy": npy_bytes(text.encode(captions[s * 6 + i]).astype(np.uint16)),
+                "image_tokens.npy": npy_bytes(np.full(4, i, dtype=np.uint16)),
+            }
+            for i in range(6)
+        ]
+        write_tar(str(tmp_path / f"{s:05d}.tar"), samples)
+        spans.append(ShardSpan(str(tmp_path / f"{s:05d}.tar"), 6))
+    return spans, str(url)
+
+
+def test_bpe_dropout_retokenizes_training_samples_reproducibly_across_a_resume(tmp_path):
+    import itertools
+
+    from pipeline.data.loader import ShardStream, read_span
+    from pipeline.stages.train import TransformerTask
+
+    words = ["red circle", "blue square", "green triangle", "yellow square", "small red", "large blue"]
+    places = ("left", "right", "top")
+    captions = [f"a {words[i % 6]} on the {places[i % 3]} beside {words[(i + 2) % 6]}" for i in range(12)]
+    spans, tokenizer = _encoded_shards(tmp_path, captions * 4)
+    model = {"text_len": 32, "text_vocab": 300, "image_grid": 2, "image_vocab": 8, "layers": 1, "heads": 2}
+
+    def task(p, seed=0):
+        return TransformerTask({"model": model, "bpe_dropout": p, "seed": seed, "models": {"tokenizer": tokenizer}})
+
+    def texts(t, n=24, position=0):
+        stream = ShardStream(spans, rank=0, world=1, seed=0, decode=t.decode)
+        return [tuple(text) for text, _ in itertools.islice(stream.samples(position), n)]
+
+    stored = texts(task(0.0))
+    dropped = texts(task(0.3))
+    assert dropped == texts(task(0.3))  # a pure function of (seed, epoch, key)
+    assert dropped[7:] == texts(task(0.3), n=17, position=7)  # a resumed stream draws the same
+    assert sum(a != b for a, b in zip(dropped, stored)) >= 6  # dropout changes tokens...
+    epochs = {}
+    for (text, _), sample in zip(
+        itertools.islice(ShardStream(spans, rank=0, world=1, seed=0, decode=task(0.3).decode).samples(), 24),
+        itertools.islice(ShardStream(spans, rank=0, world=1, seed=0, decode=lambda s: s["__key__"]).samples(), 24),
+    ):
+        epochs.setdefault(sample, []).append(tuple(text))
+    assert any(a != b for a, b in epochs.values())  # ...and again each epoch
+    assert texts(task(0.3, seed=1)) != dropped
+    # at 0 the encoded tokens are used as they are; held-out samples (no epoch) never drop
+    held = read_span(spans[0])
+    assert [tuple(task(0.3).decode(s)[0]) for s in held] == [tuple(task(0.0).decode(s)[0]) for s in held]
+    with pytest.raises(ValueError, match="tokenizer"):
+        TransformerTask({"model": model, "bpe_dropout": 0.1})

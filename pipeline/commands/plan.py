@@ -1,4 +1,5 @@
-"""`dalle plan`: will a transformer training recipe fit the cluster? Answered before anything is launched.
+"""`dalle plan`: will a transformer training recipe fit the cluster, and how long will a step take? Answered
+before anything is launched.
 
 Per GPU it estimates the model states (parameters, gradients, optimizer states) under every ZeRO stage and
 offload choice, the activations at the recipe's micro-batch with and without activation checkpointing, and the
@@ -11,14 +12,17 @@ mixed-precision Adam accounting: 2 bytes of 16-bit weights, 2 of 16-bit gradient
 (master weights, momentum, variance) per parameter. DeepSpeed's estimators always assume mixed precision; for an
 fp32 recipe the formula rows use 4 + 4 + 8 (weights, gradients, Adam m and v; no master copy) while the ZeRO-2/3
 rows stay DeepSpeed's mixed-precision numbers and so read low. Activations follow Korthikanti et al. 2022,
-"Reducing Activation Recomputation in Large Transformer Models". All sizes are GB = 1024**3 bytes.
+"Reducing Activation Recomputation in Large Transformer Models". The rest of a rank's memory (ZeRO-3's live
+parameters and buckets, ZeRO++'s secondary copy, the EMA and its evaluation), each node's host memory (build,
+checkpoint save, rank 0's export) and the step-time model are `plan_runtime`'s. All sizes are GB = 1024**3 bytes.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from pipeline.commands.plan_runtime import RuntimeRequest, advice, gpu_terms, host_terms, step_time
 from pipeline.config.recipe import Recipe
 from pipeline.errors import InputError
 from pipeline.models.transformer import largest_layer_params, param_count
@@ -76,9 +80,9 @@ class PlanRequest:
     offload_optimizer: bool = False  # the recipe's choice
     offload_params: bool = False  # the recipe's choice (ZeRO-3 only)
     checkpoint_activations: bool = False  # the recipe's choice
-    # The trainer builds the model outside `deepspeed.zero.Init`, so every rank first holds the whole model on the
-    # host; this only changes ZeRO-3's CPU column.
-    zero_init: bool = False
+    # The trainer builds ZeRO-3 models under `deepspeed.zero.Init` (a rank never holds the whole model); this only
+    # changes ZeRO-3's CPU column.
+    zero_init: bool = True
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.gpus_per_node < 1 or self.micro_batch < 1 or self.gpu_mem_gb <= 0:
@@ -196,37 +200,46 @@ def _hint(rows: list[dict], chosen: dict, acts: dict, per_sample: dict, usable: 
     # Offloading costs far more step time than ZeRO-3's extra all-gathers, so try every stage before any offload.
     ordered = sorted(rows, key=lambda r: (r["offload"] != "none", r["offload"] == "optimizer+params", r["zero_stage"]))
     for row in ordered:
-        total = row["gpu_gb"] + _activations_gb(acts, req.checkpoint_activations)
+        total = row["gpu_gb"] + row["runtime_gb"] + _activations_gb(acts, req.checkpoint_activations)
         if total <= usable:
             return f"use {_label(row)} ({total:.1f} GB per GPU)"
     if not req.checkpoint_activations:
         # Keeping the recipe's ZeRO choice and recomputing activations is the smaller change, so say that first.
         for row in [chosen, *ordered]:
-            total = row["gpu_gb"] + _activations_gb(acts, True)
+            total = row["gpu_gb"] + row["runtime_gb"] + _activations_gb(acts, True)
             if total <= usable:
                 where = "" if row is chosen else f" and use {_label(row)}"
                 return f"turn on activation checkpointing{where} ({total:.1f} GB per GPU)"
-    leanest = min(rows, key=lambda r: r["gpu_gb"])
-    batch = int((usable - leanest["gpu_gb"]) // _activations_gb(per_sample, True))
+    leanest = min(rows, key=lambda r: r["gpu_gb"] + r["runtime_gb"])
+    batch = int((usable - leanest["gpu_gb"] - leanest["runtime_gb"]) // _activations_gb(per_sample, True))
     if batch >= 1:
         return f"lower the micro-batch to {batch} with {_label(leanest)} and activation checkpointing"
     return "does not fit even at micro-batch 1 with every offload and checkpointing: add GPUs or shrink the model"
 
 
-def plan(shape: ModelShape, req: PlanRequest) -> dict:
+def plan(shape: ModelShape, req: PlanRequest, run: RuntimeRequest | None = None) -> dict:
     """The full estimate as a JSON-able dict; see the module docstring for where each number comes from."""
+    run = run or RuntimeRequest()
     usable = req.gpu_mem_gb * USABLE_FRACTION
     rows = model_state_options(shape, req)
     acts = activation_memory(shape, req.micro_batch, req.precision)
     per_sample = activation_memory(shape, 1, req.precision)
     recipe_acts = _activations_gb(acts, req.checkpoint_activations)
     for row in rows:  # what each option would total with the recipe's micro-batch and checkpointing
-        row["total_gb"] = row["gpu_gb"] + recipe_acts
+        stage = replace(req, zero_stage=row["zero_stage"], offload_optimizer=False, offload_params=False)
+        row["runtime_gb"] = sum(gpu_terms(shape, stage, run).values())
+        row["total_gb"] = row["gpu_gb"] + row["runtime_gb"] + recipe_acts
         row["fits"] = row["total_gb"] <= usable
     chosen = next(r for r in rows if (r["zero_stage"], r["offload"]) == (req.zero_stage, req.offload))
     # Activations grow linearly with the micro-batch, so the largest that fits is a division.
-    headroom = usable - chosen["gpu_gb"]
+    headroom = usable - chosen["gpu_gb"] - chosen["runtime_gb"]
     max_batch = max(0, int(headroom // _activations_gb(per_sample, req.checkpoint_activations)))
+    extra = gpu_terms(shape, req, run)
+    gpu_peak = chosen["total_gb"]
+    offloaded = chosen["cpu_gb_per_node"] if req.offload != "none" else 0.0
+    host = host_terms(shape, req, run, offloaded)
+    timing = step_time(shape, req, run, req.checkpoint_activations)
+    host_fits = run.host_mem_gb is None or host["per_node_gb"] <= run.host_mem_gb
     recipe = {
         "zero_stage": req.zero_stage,
         "offload": req.offload,
@@ -234,16 +247,41 @@ def plan(shape: ModelShape, req: PlanRequest) -> dict:
         "model_states_gb": chosen["gpu_gb"],
         "activations_gb": recipe_acts,
         "total_gb": chosen["total_gb"],
-        "fits": chosen["fits"],
+        **extra,
+        "gpu_peak_gb": gpu_peak,
+        "fits": chosen["fits"] and host_fits,
+        "gpu_fits": chosen["fits"],
+        "host_fits": host_fits,
         "max_micro_batch": max_batch,
     }
-    if not recipe["fits"]:
+    if not chosen["fits"]:
         recipe["hint"] = _hint(rows, chosen, acts, per_sample, usable, req)
+    if not host_fits:
+        recipe["host_hint"] = (
+            f"{host['per_node_gb']:.0f} GB of host memory per node against {run.host_mem_gb:g} GB: "
+            "fewer loader workers, or no offload"
+        )
+    advised = advice(shape, req, run, timing, req.checkpoint_activations)
+    if advised:
+        recipe["advice"] = advised
     notes = []
     if req.precision == "fp32":
         notes.append("DeepSpeed's ZeRO-2/3 estimators assume mixed precision; for fp32 those rows read low")
     return {
         "params": shape.params,
+        "gpu_peak_gb": gpu_peak,
+        "host_peak_gb_per_node": host["per_node_gb"],
+        "host_gb_per_rank": host["per_rank_gb"],
+        "step_seconds": timing["step_seconds"],
+        "comm_gb_per_step": timing["comm_gb_per_step"],
+        "host": host,
+        "step": timing,
+        "assumptions": {
+            "net_gbps": run.net_gbps,
+            "gpu_tflops": run.gpu_tflops,
+            "mfu": run.mfu,
+            "host_mem_gb": run.host_mem_gb,
+        },
         "gpus": req.gpus,
         "gpus_per_node": req.per_node,
         "gpu_mem_gb": req.gpu_mem_gb,
@@ -287,22 +325,44 @@ def format_plan(result: dict) -> str:
     acts = result["activations"]
     ckpt = "on" if recipe["checkpoint_activations"] else "off"
     lines += [
-        f"(total = states + activations at the recipe's micro-batch, checkpointing {ckpt}; * = the recipe)",
+        f"(total = states + runtime terms + activations at the recipe's micro-batch, checkpointing {ckpt};"
+        " * = the recipe)",
         "",
         f"activations  {acts['without_checkpointing_gb']:.2f} GB without checkpointing,"
         f" {acts['with_checkpointing_gb']:.2f} GB with; logits {acts['logits_gb']:.2f} GB",
         f"recipe       {'ZeRO-' + str(recipe['zero_stage'])}, offload {recipe['offload']}, checkpointing {ckpt}:"
-        f" {recipe['model_states_gb']:.1f} + {recipe['activations_gb']:.1f} = {recipe['total_gb']:.1f} GB"
-        f" -> {'fits' if recipe['fits'] else 'DOES NOT FIT'} (largest micro-batch {recipe['max_micro_batch']})",
+        f" states {recipe['model_states_gb']:.1f} + activations {recipe['activations_gb']:.1f}"
+        f" (largest micro-batch {recipe['max_micro_batch']})",
+        f"runtime      live parameters {recipe['live_params_gb']:.1f} + buckets {recipe['buckets_gb']:.1f}"
+        f" + hpZ copy {recipe['hpz_copy_gb']:.1f} + EMA {recipe['ema_gb']:.2f} + EMA evaluation"
+        f" {recipe['ema_eval_gb']:.2f} -> {result['gpu_peak_gb']:.1f} GB peak per GPU"
+        f" -> {'fits' if recipe['gpu_fits'] else 'DOES NOT FIT'}",
     ]
-    if "hint" in recipe:
-        lines.append(f"hint         {recipe['hint']}")
+    host, step, assumed = result["host"], result["step"], result["assumptions"]
+    against = "" if assumed["host_mem_gb"] is None else f" of {assumed['host_mem_gb']:g} GB"
+    lines += [
+        f"host/rank    process {host['process_gb']:.1f} + max(build {host['build_gb']:.1f},"
+        f" checkpoint save {host['checkpoint_save_gb']:.1f}) = {host['per_rank_gb']:.1f} GB",
+        f"host/node    {result['gpus_per_node']} ranks + rank 0's export {host['rank0_export_gb']:.1f}"
+        f" + offloaded {host['offloaded_gb_per_node']:.1f} = {host['per_node_gb']:.1f} GB{against}"
+        f" -> {'fits' if recipe['host_fits'] else 'DOES NOT FIT'}",
+        f"step         compute {step['compute_seconds']:.2f} s ({assumed['gpu_tflops']:g} TFLOPS at"
+        f" {assumed['mfu']:.0%} MFU), ZeRO traffic {step['comm_gb_per_step']:.1f} GB/GPU = {step['comm_seconds']:.2f} s"
+        f" at {assumed['net_gbps']:g} Gbps/node -> {step['step_seconds']:.2f} s per step"
+        + (f", {step['run_days']:.1f} days for the run" if step["run_days"] else ""),
+    ]
+    for key in ("hint", "host_hint", "advice"):
+        if key in recipe:
+            lines.append(f"{key.replace('_', ' '):<12} {recipe[key]}")
     lines += [f"note         {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
 
 
-def plan_inputs(recipe: Recipe, gpus: int, gpu_mem_gb: float, gpus_per_node: int) -> tuple[ModelShape, PlanRequest]:
-    """The model shape and request of a recipe's transformer training."""
+def plan_inputs(
+    recipe: Recipe, gpus: int, gpu_mem_gb: float, gpus_per_node: int, **cluster: float | None
+) -> tuple[ModelShape, PlanRequest, RuntimeRequest]:
+    """The model shape and requests of a recipe's transformer training; `cluster` holds the
+    `RuntimeRequest` settings given on the command line (host_mem_gb, net_gbps, gpu_tflops, mfu)."""
     cfg, train = recipe_model_config(recipe), recipe.transformer.train
     shape = ModelShape(
         params=param_count(cfg),
@@ -327,6 +387,17 @@ def plan_inputs(recipe: Recipe, gpus: int, gpu_mem_gb: float, gpus_per_node: int
             offload_params=train.offload_params,
             checkpoint_activations=cfg.checkpoint_activations,
         )
+        runtime = RuntimeRequest(
+            grad_accum=train.grad_accum,
+            ema=train.ema_decay is not None,
+            loader_workers=train.loader_workers,
+            hpz_partition_size=train.hpz_partition_size,
+            quantized_weights=train.quantized_weights,
+            quantized_gradients=train.quantized_gradients,
+            deepspeed=train.deepspeed,
+            steps=train.steps,
+            **{k: v for k, v in cluster.items() if v is not None},
+        )
     except ValueError as err:
         raise InputError(str(err)) from None
-    return shape, request
+    return shape, request, runtime

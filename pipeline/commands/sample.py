@@ -20,13 +20,14 @@ from pipeline import storage
 from pipeline.data.images import decode_rgb, png_bytes, tile
 from pipeline.errors import InputError, one_line
 from pipeline.models.generator import ImageGenerator, SamplingConfig
+from pipeline.models.weight_files import INDEX
 
 
 def _load(model: str, **paths: str) -> ImageGenerator:
     if paths.get("device") == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device here")
     url = storage.absolute(model)
-    for name in ("model.pt", "config.json"):
+    for name in (INDEX, "config.json"):
         if not storage.exists(storage.join(url, name)):
             raise InputError(f"{model}: not a trained transformer folder ({name} missing)")
     try:

@@ -13,7 +13,7 @@ from pipeline.config.base import Config
 class GenerationSection(Config):
     """How candidates are drawn, reranked and where the models run (shared by sample and evaluate)."""
 
-    execution_only = frozenset({"actors", "wandb_project"})
+    execution_only = frozenset({"actors", "wandb_project", "batch_size"})
 
     candidates: int = Field(512, ge=1, le=65536)
     """Images drawn per prompt (the paper: 512)."""
@@ -25,10 +25,11 @@ class GenerationSection(Config):
     """Sample only among the k most probable tokens; null: all."""
     top_p: float | None = Field(None, gt=0, le=1)
     """Sample only from the smallest set of tokens holding this probability mass; null: all."""
-    batch_size: int = Field(64, ge=1)
-    """Candidates decoded together (the seeds of a prompt's candidates depend on it)."""
+    batch_size: int | None = Field(None, ge=1)
+    """Candidates decoded together; null: as many as their KV caches fit in the device's free memory
+    (≈1.3 GB each at 12B in bf16). The images do not depend on it."""
     seed: int = 0
-    """Seed of the candidates: the same seed, prompt and batch size give the same images."""
+    """Seed of the candidates: the same seed and prompt give the same images."""
     actors: int | None = Field(None, ge=1)
     """Actors holding the models; null: one per GPU, else one per task CPU."""
     gpus_per_actor: float | None = Field(None, ge=0)

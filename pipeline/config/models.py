@@ -16,10 +16,12 @@ class TrainConfig(Config):
     """Trainer plumbing shared by every trained model: Ray Train workers, DeepSpeed, optimiser,
     schedule, EMA, checkpoints, tracking."""
 
-    execution_only = frozenset({"keep_checkpoints", "max_failures", "log_every", "wandb_project"})
+    execution_only = frozenset({"workers", "keep_checkpoints", "max_failures", "log_every", "wandb_project"})
 
     workers: int = Field(2, ge=1, le=4096)
-    """Ray Train workers (one process each; one GPU each when `use_gpu`)."""
+    """Ray Train workers (one process each; one GPU each when `use_gpu`). A run keeps the updates it
+    started with (workers x batch_size x grad_accum samples): resumed on another count that divides
+    its workers x grad_accum micro-batches, each worker takes an equal share of every update."""
     use_gpu: bool | None = None
     """Train on GPUs; null uses them when the Ray cluster has any."""
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -53,6 +55,13 @@ class TrainConfig(Config):
     """Keep the optimizer states (and the step) on CPU memory (ZeRO-Offload; zero_stage >= 1)."""
     offload_params: bool = False
     """Keep the parameters on CPU memory between uses (ZeRO-Infinity; zero_stage 3)."""
+    hpz_partition_size: int = Field(1, ge=1)
+    """ZeRO++ hpZ (zero_stage 3): keep a second copy of the 16-bit weights sharded over this many
+    GPUs (a node's: 8) so the backward all-gather stays inside the node. 1: off."""
+    quantized_weights: bool = False
+    """ZeRO++ qwZ (zero_stage 3): all-gather the weights as int8 (half the traffic of bf16)."""
+    quantized_gradients: bool = False
+    """ZeRO++ qgZ (zero_stage 3): reduce-scatter the gradients as int4."""
     loader_workers: int = Field(0, ge=0, le=64)
     """Data-loader processes per worker decoding samples (0 decodes in the training process);
     the sample order does not depend on it."""
@@ -82,11 +91,14 @@ class TrainConfig(Config):
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
+        zero_pp = self.hpz_partition_size > 1 or self.quantized_weights or self.quantized_gradients
+        if zero_pp and self.zero_stage != 3:
+            raise ValueError("hpz_partition_size, quantized_weights and quantized_gradients (ZeRO++) need zero_stage 3")
         return self
 
     @property
     def samples_seen(self) -> int:
-        """Samples a full run trains on (updates x global batch)."""
+        """Samples a full run started on `workers` trains on (updates x global batch)."""
         return self.steps * self.batch_size * self.grad_accum * self.workers
 
 
@@ -244,6 +256,8 @@ class TransformerSection(Config):
     """Encoded samples (the last in shard order) kept out of training to measure held-out loss."""
     eval_batch_size: int = Field(16, ge=1)
     """Samples per forward pass when measuring the held-out loss."""
+    export_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the exported weights (sharded safetensors; bf16 halves a 12B export to 24.6 GB)."""
     train: TrainConfig = TrainConfig(
         steps=430_000,
         batch_size=1,

@@ -10,6 +10,13 @@ stream given that position yields exactly what the uninterrupted one would have.
 Shard lengths come from the ledger (`Ledger.spans`), so planning reads no data; a shard that holds fewer samples
 than its ledger says (truncated, rewritten) is an error, never a silent skip.
 
+A training run reads through a `BatchLayout` fixed when it starts: `lanes` streams (a ShardStream
+each, lane l reading slice l of every epoch: the run's first worker count) times `per_lane`
+consecutive micro-batches of each per update (its first grad_accum). Those lanes x per_lane slots
+make one update whatever the number of workers: on M workers rank r takes slots [r·S/M, (r+1)·S/M)
+(S = lanes x per_lane) as its micro-batches, so a run resumed on another world size trains every
+update on exactly the samples of the uninterrupted run (only which rank computes which slot moves).
+
 With `workers` > 0 a rank's batches are decoded by that many DataLoader processes: worker w
 decodes batches w, w + workers, ... of the rank's sequence, and the DataLoader hands them back
 round-robin, so the sequence is the same for any number of workers (a run may resume with a
@@ -30,6 +37,10 @@ from pipeline.data.shards import Sample, iter_samples
 from pipeline.errors import ShardError
 
 log = logging.getLogger(__name__)
+
+EPOCH = "__epoch__"
+"""The field a training stream adds to each sample it yields: the epoch it is read in (what a
+decode seeds per-epoch augmentation from, such as BPE dropout)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,9 @@ class ShardStream:
                 if self.shuffle:
                     _rng(self.seed, epoch, index, 1).shuffle(perm)
                 for i in perm[first - offset : last - offset]:
-                    yield samples[i]
+                    sample = samples[i]
+                    sample[EPOCH] = epoch
+                    yield sample
             offset += span.count
             if offset >= hi:
                 return
@@ -149,6 +162,65 @@ class ShardStream:
             return ([self.decode(s) for s in batch] for batch in self.raw_batches(batch_size, position))
         dataset = _WorkerBatches(self, batch_size, position)
         return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=4))
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The slots of one update (see the module docstring); fixed for the life of a run."""
+
+    lanes: int
+    per_lane: int
+
+    @property
+    def slots(self) -> int:
+        return self.lanes * self.per_lane
+
+    def problem(self, world: int) -> str | None:
+        """Why `world` workers cannot share this layout's updates equally, or None."""
+        if self.slots % world:
+            return (
+                f"the run's updates are {self.slots} micro-batches ({self.lanes} lanes x {self.per_lane}), "
+                f"which {world} workers cannot share equally; use a worker count that divides {self.slots}"
+            )
+        return None
+
+    def owned(self, rank: int, world: int) -> list[tuple[int, int]]:
+        """(lane, index within the lane's update) of each micro-batch rank `rank` of `world` computes,
+        in the order it computes them."""
+        if self.problem(world):
+            raise ValueError(self.problem(world))
+        share = self.slots // world
+        return [divmod(i, self.per_lane) for i in range(rank * share, (rank + 1) * share)]
+
+    def rank_batches(
+        self,
+        spans: list[ShardSpan],
+        rank: int,
+        world: int,
+        *,
+        seed: int,
+        decode,
+        batch_size: int,
+        step: int,
+        workers: int = 0,
+    ) -> Iterator[list[tuple[tuple[int, int], list[Any]]]]:
+        """For each update from `step` on: this rank's micro-batches, each with its slot."""
+        owned = self.owned(rank, world)
+        streams = {
+            lane: ShardStream(spans, rank=lane, world=self.lanes, seed=seed, decode=decode).batches(
+                batch_size, position=step * batch_size * self.per_lane, workers=workers
+            )
+            for lane in dict.fromkeys(lane for lane, _ in owned)
+        }
+        wanted = set(owned)
+        while True:
+            update = []
+            for lane, stream in streams.items():
+                for index in range(self.per_lane):
+                    batch = next(stream)  # a lane shared by several ranks is read by each; each keeps its slots
+                    if (lane, index) in wanted:
+                        update.append(((lane, index), batch))
+            yield update
 
 
 def _as_is(item: Any) -> Any:

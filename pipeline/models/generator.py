@@ -18,7 +18,7 @@ import torch
 
 from pipeline import storage
 from pipeline.data.images import to_tensor, to_uint8
-from pipeline.models.sampling import sample_image_tokens
+from pipeline.models.sampling import free_memory, kv_batch_size, sample_image_tokens
 
 MODELS_FILE = "models.json"
 """Beside a trained transformer: the URLs of the dVAE, CLIP and tokenizer it was trained with."""
@@ -31,7 +31,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    batch_size: int = 32
+    batch_size: int | None = None
+    """Candidates decoded together; None: as many as the KV cache fits in the device's free memory. The
+    images do not depend on it (each candidate draws from its own seed)."""
     seed: int = 0
 
 
@@ -88,7 +90,7 @@ class ImageGenerator:
         device: str = "auto",
         precision: str = "auto",
     ) -> ImageGenerator:
-        """Loads the transformer folder `model` (model.pt + config.json) and its companions: the URLs in its
+        """Loads the transformer folder `model` (safetensors weights + config.json) and its companions: the URLs in its
         `models.json` unless given. `device` auto is CUDA when present; `precision` auto is bf16 there."""
         from pipeline.models.bpe import TextTokenizer
         from pipeline.models.clip import load_clip
@@ -107,9 +109,7 @@ class ImageGenerator:
         if precision == "auto":
             precision = "bf16" if dev.type == "cuda" else "fp32"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-        dalle = load_dalle(url).to(dev).eval()
-        if dtype is not None:
-            dalle = dalle.to(dtype)
+        dalle = load_dalle(url, dev, dtype or torch.float32)
         text = TextTokenizer.load(paths["tokenizer"], dalle.cfg.text_len)
         return cls(
             dalle, load_dvae(paths["dvae"]).to(dev).eval(), load_clip(paths["clip"]).to(dev).eval(), text, dev, dtype
@@ -123,20 +123,25 @@ class ImageGenerator:
         ids = torch.from_numpy(self.tokenizer.encode(prompt).astype(np.int64))
         return ids.expand(count, -1).contiguous()
 
-    def sample(self, prompt: str, n: int, cfg: SamplingConfig, prefix: np.ndarray | None = None) -> np.ndarray:
-        """`n` candidates' image tokens [n, grid*grid] (`prefix` [P]: the first P tokens of every one).
+    def batch_size(self, cfg: SamplingConfig) -> int:
+        """`cfg.batch_size`, or the candidates whose KV caches fit in the device's free memory now."""
+        if cfg.batch_size is not None:
+            return cfg.batch_size
+        dtype = next(self.dalle.parameters()).dtype
+        return kv_batch_size(self.dalle.cfg, dtype, free_memory(self.device))
 
-        Each batch is drawn with one generator seeded from its first candidate's index, so the result
-        depends on the batch size too; `batch_size` is part of what a stage's fingerprint holds."""
+    def sample(self, prompt: str, n: int, cfg: SamplingConfig, prefix: np.ndarray | None = None) -> np.ndarray:
+        """`n` candidates' image tokens [n, grid*grid] (`prefix` [P]: the first P tokens of every one);
+        candidate i draws from `candidate_seed(cfg.seed, prompt, i)`."""
         out = []
-        for start in range(0, n, cfg.batch_size):
-            count = min(cfg.batch_size, n - start)
-            gen = torch.Generator(self.device).manual_seed(candidate_seed(cfg.seed, prompt, start))
+        size = self.batch_size(cfg)
+        for start in range(0, n, size):
+            count = min(size, n - start)
             given = None if prefix is None else torch.as_tensor(prefix, dtype=torch.long).expand(count, -1)
             tokens = sample_image_tokens(
                 self.dalle,
                 self.text_ids(prompt, count).to(self.device),
-                generator=gen,
+                seeds=[candidate_seed(cfg.seed, prompt, i) for i in range(start, start + count)],
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
                 top_p=cfg.top_p,

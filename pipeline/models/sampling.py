@@ -3,11 +3,18 @@
 Given the text (and optionally the first image tokens, for image completion), image tokens are drawn one at a
 time in raster order. With the cache, the known prefix runs through the model once and every new token costs one
 position through the cached layers; without it, every step reruns the whole sequence with the unknown tokens set
-to 0, which is valid because no position attends to a later one. Both paths draw from the generator identically,
-so for a fixed seed they return the same tokens (up to floating-point near-ties).
+to 0, which is valid because no position attends to a later one.
+
+Each candidate (row) draws from its own generator, seeded by the caller (Gumbel-max: the argmax of the filtered
+logits plus the row's Gumbel noise, a draw from the same distribution as a multinomial), so a candidate's tokens
+depend on its seed only, never on the batch it is drawn in: the batch size is free to follow the device's memory
+(`kv_batch_size`). Both paths draw identically, so for fixed seeds they return the same tokens (up to
+floating-point near-ties).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -41,13 +48,54 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return out
 
 
-def _draw(
-    logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_k: int | None, top_p: float | None
-) -> torch.Tensor:
+class CandidateNoise:
+    """Gumbel noise [B, V] for each step, row r drawn from a generator seeded `seeds[r]`, `block` steps at a
+    time (one small draw per row and block, not per step)."""
+
+    def __init__(self, seeds: Sequence[int], vocab: int, device: torch.device, block: int = 64):
+        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        self.vocab, self.device, self.block = vocab, device, block
+        self._buffer: torch.Tensor | None = None
+        self._next = 0
+
+    def gumbel(self) -> torch.Tensor:
+        """The next step's noise [B, V] (float32)."""
+        if self._buffer is None or self._next == self.block:
+            shape = (self.block, self.vocab)
+            rows = [torch.rand(shape, generator=g, device=self.device) for g in self.generators]
+            self._buffer = -torch.log(-torch.log(torch.stack(rows, dim=1).clamp_min_(1e-20)))
+            self._next = 0
+        self._next += 1
+        return self._buffer[self._next - 1]
+
+
+def _draw(logits: torch.Tensor, noise: CandidateNoise, temperature: float, top_k: int | None, top_p: float | None):
     # float32 whatever the model's dtype: a bf16 softmax over thousands of codes loses the small probabilities.
     # Temperature first, so the nucleus is taken on the distribution actually sampled from.
     scaled = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return (scaled + noise.gumbel()).argmax(dim=-1)
+
+
+def kv_cache_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of one candidate's key/value cache over every layer and the whole sequence."""
+    return 2 * cfg.layers * cfg.seq_len * cfg.d_model * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_batch_size(cfg, dtype: torch.dtype, free_bytes: int, *, fraction: float = 0.8, limit: int = 512) -> int:
+    """Candidates that fit in `fraction` of `free_bytes` (after the weights are loaded): each needs its KV
+    cache, a block of float32 noise and its step activations. At least 1, at most `limit`."""
+    per = kv_cache_bytes(cfg, dtype) + 4 * 64 * cfg.image_vocab + 4 * 16 * cfg.d_model * cfg.mlp_ratio
+    return max(1, min(limit, int(free_bytes * fraction) // per))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the CUDA allocator's view on a GPU, the host's available memory on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 @torch.no_grad()
@@ -55,7 +103,7 @@ def sample_image_tokens(
     model: Dalle,
     text: torch.Tensor,
     *,
-    generator: torch.Generator | None,
+    seeds: Sequence[int],
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -65,9 +113,9 @@ def sample_image_tokens(
     """Image tokens [B, N] for raw text ids `text` [B, T] (0 = padding), sampled one at a time in raster order.
 
     `prefix` [B, P] fixes the first P image tokens (image completion) and is returned unchanged in front of the
-    sampled rest. `use_cache=False` recomputes the whole sequence every step (slow; a reference for the cache).
-    The model runs in eval mode (its previous mode is restored afterwards) in its parameters' dtype; `generator`
-    must live on the model's device.
+    sampled rest. `seeds` [B]: each row's generator seed. `use_cache=False` recomputes the whole sequence every
+    step (slow; a reference for the cache). The model runs in eval mode (its previous mode is restored
+    afterwards) in its parameters' dtype.
     """
     cfg = model.cfg
     if temperature <= 0:
@@ -86,6 +134,9 @@ def sample_image_tokens(
         image[:, :p] = prefix.to(device)
     if p == n:
         return image
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for {batch} candidates")
+    noise = CandidateNoise(seeds, cfg.image_vocab, device)
 
     was_training = model.training
     model.eval()
@@ -96,7 +147,7 @@ def sample_image_tokens(
             h = model.forward_cached(text, image, 0, t + p, caches)
             logits = model.head_logits(h[:, -1], t + p - 1)
             for j in range(p, n):
-                image[:, j] = _draw(logits, generator, temperature, top_k, top_p)
+                image[:, j] = _draw(logits, noise, temperature, top_k, top_p)
                 if j + 1 < n:
                     h = model.forward_cached(text, image, t + j, t + j + 1, caches)
                     logits = model.head_logits(h[:, -1], t + j)
@@ -104,7 +155,7 @@ def sample_image_tokens(
             for j in range(p, n):
                 # Tokens j.. are still 0 here, which no output at or before position t + j - 1 can see.
                 _, image_logits = model(text, image)
-                image[:, j] = _draw(image_logits[:, j], generator, temperature, top_k, top_p)
+                image[:, j] = _draw(image_logits[:, j], noise, temperature, top_k, top_p)
     finally:
         model.train(was_training)
     return image

@@ -150,6 +150,29 @@ def text_ids(text: torch.Tensor, text_vocab: int) -> torch.Tensor:
     return torch.where(text == 0, text_vocab + positions, text)
 
 
+def _cross_entropies(cfg: DalleConfig, text, image, text_logits, image_logits, reduction: str):
+    """Text and image cross-entropy: means over the batch's tokens ("mean") or each sample's ("sample")."""
+    targets = text_ids(text, cfg.text_vocab)[:, 1:]
+    # float32 whatever the autocast dtype: a bf16 log-softmax over 8-16k classes loses the small probabilities.
+    if reduction == "mean":
+        return (
+            F.cross_entropy(text_logits.float().flatten(0, 1), targets.flatten()),
+            F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten()),
+        )
+    text_loss = F.cross_entropy(text_logits.float().transpose(1, 2), targets, reduction="none").mean(1)
+    image_loss = F.cross_entropy(image_logits.float().transpose(1, 2), image, reduction="none").mean(1)
+    return text_loss, image_loss
+
+
+def sample_losses(model: nn.Module, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each sample's (loss, text loss, image loss), [B] each, through `model`'s own call (so a ZeRO-3
+    engine's hooks gather the partitions); the batch means of `Dalle.loss` are their means."""
+    cfg = model.cfg
+    text_logits, image_logits = model(text, image)
+    text_loss, image_loss = _cross_entropies(cfg, text, image, text_logits, image_logits, "sample")
+    return cfg.text_loss_weight * text_loss + cfg.image_loss_weight * image_loss, text_loss, image_loss
+
+
 class _Block(nn.Module):
     def __init__(self, cfg: DalleConfig, kind: str) -> None:
         super().__init__()
@@ -192,8 +215,14 @@ class Dalle(nn.Module):
 
     def _init_weights(self) -> None:
         # GPT-2: N(0, 0.02) everywhere; the projections that write into the residual stream are shrunk by
-        # 1/sqrt(2 * layers) so the residual's variance at init does not grow with depth.
-        for module in self.modules():
+        # 1/sqrt(2 * layers) so the residual's variance at init does not grow with depth. Through `apply`, one
+        # module at a time: under `deepspeed.zero.Init` it gathers each module's partitioned parameters for the
+        # call and re-partitions them after, so the 12B model is never whole on a rank. Only leaf modules hold
+        # parameters, and `apply` visits them in the same order as `modules()`, so the draws are the same.
+        residual = {id(m) for block in self.blocks for m in (block.attn.out, block.mlp[2])}
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.layers)
+
+        def base(module: nn.Module) -> None:
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
@@ -201,10 +230,13 @@ class Dalle(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.layers)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.out.weight, std=residual_std)
-            nn.init.normal_(block.mlp[2].weight, std=residual_std)
+
+        def shrink(module: nn.Module) -> None:
+            if id(module) in residual:
+                nn.init.normal_(module.weight, std=residual_std)
+
+        self.apply(base)
+        self.apply(shrink)
 
     def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Token + position embeddings of the whole sequence, [B, L, d_model]."""
@@ -233,10 +265,7 @@ class Dalle(nn.Module):
         text_logits, image_logits = self.text_head(h[:, :split]), self.image_head(h[:, split:])
         if not return_loss:
             return text_logits, image_logits
-        text_targets = text_ids(text, self.cfg.text_vocab)[:, 1:]
-        # float32 whatever the autocast dtype: a bf16 log-softmax over 8-16k classes loses the small probabilities.
-        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text_targets.flatten())
-        image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
+        text_loss, image_loss = _cross_entropies(self.cfg, text, image, text_logits, image_logits, "mean")
         loss = self.cfg.text_loss_weight * text_loss + self.cfg.image_loss_weight * image_loss
         return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
 
@@ -300,28 +329,34 @@ class Dalle(nn.Module):
         return self.text_head(h) if position < cfg.text_len - 1 else self.image_head(h)
 
 
-def save_dalle(model: Dalle, url: str) -> None:
-    """Writes `model.pt` (float32 state dict) and `config.json` ({"model": DalleConfig}) under
-    `url`; the weights first, so a folder with a config always has its weights."""
-    import io
+def save_dalle(model: Dalle, url: str, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Writes the weights (sharded safetensors, `pipeline.models.weight_files`) and `config.json`
+    ({"model": DalleConfig}) under `url`, the weights first, so a folder with a config always has its
+    weights; returns the file names."""
+    from pipeline.models.weight_files import write_state
+
+    files = write_state(url, model.state_dict(), dtype)
+    write_dalle_config(model.cfg, url)
+    return [*files, "config.json"]
+
+
+def write_dalle_config(cfg: DalleConfig, url: str) -> None:
     import json
 
     from pipeline import storage
 
-    buf = io.BytesIO()
-    torch.save({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, buf)
-    storage.write_atomic(storage.join(url, "model.pt"), buf.getvalue())
-    storage.write_atomic(storage.join(url, "config.json"), json.dumps({"model": model.cfg.to_dict()}).encode())
+    storage.write_atomic(storage.join(url, "config.json"), json.dumps({"model": cfg.to_dict()}).encode())
 
 
-def load_dalle(url: str, device: torch.device | str = "cpu") -> Dalle:
-    """The transformer `save_dalle` (or `dalle export`) wrote under `url`, in eval mode."""
-    import io
-
+def load_dalle(url: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Dalle:
+    """The transformer `save_dalle` (or the train stage, or `dalle export`) wrote under `url`, in eval mode,
+    in `dtype` (as stored when None) on `device`. Built on the meta device and given the stored tensors as
+    its parameters, cast shard by shard on their way: no float32 copy on the host, no second copy anywhere."""
     from pipeline import storage
+    from pipeline.models.weight_files import iter_tensors
 
     config = storage.read_json(storage.join(url, "config.json"))
-    model = Dalle(DalleConfig.from_dict(config["model"]))
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, "model.pt"))), map_location="cpu")
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    with torch.device("meta"):
+        model = Dalle(DalleConfig.from_dict(config["model"]))
+    model.load_state_dict(dict(iter_tensors(url, device, dtype)), assign=True)
+    return model.eval()

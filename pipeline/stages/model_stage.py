@@ -35,7 +35,7 @@ class ModelStage(Stage):
 
     def train(self, folder: str, ctx: RunContext, config: dict[str, Any], holdout: int) -> int:
         """Trains `self.task` with the stage's `train` settings; returns the samples trained on."""
-        fit(
+        return fit(
             self.name,
             self.task,
             config,
@@ -47,7 +47,6 @@ class ModelStage(Stage):
             name=f"{self.recipe.name}-{self.name}",
             progress=ctx.progress,
         )
-        return self.cfg.train.samples_seen
 
     def status(self) -> StageStatus:
         """The stage's status, with its training run's step (once it trained)."""

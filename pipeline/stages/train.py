@@ -2,7 +2,8 @@
 
 The model's vocabularies and lengths come from the encode stage's plan (text_len, text_vocab,
 image tokens, image vocab); its size from the recipe's preset. The stage commits the final
-weights (`model.pt`, the EMA's when kept, plus `config.json`: loadable without DeepSpeed by
+weights (sharded safetensors in `export_precision`, the EMA's when kept, streamed one gathered
+parameter at a time, plus `config.json`: loadable without DeepSpeed by
 `pipeline.models.transformer.load_dalle`) and `metrics.json` with the held-out losses.
 """
 
@@ -18,28 +19,39 @@ from torch import nn
 from pipeline import storage
 from pipeline.config.models import TransformerSection
 from pipeline.config.recipe import Recipe
+from pipeline.data.loader import EPOCH
 from pipeline.data.shards import Sample, npy_load
 from pipeline.engine.ledger import Attempt
 from pipeline.errors import InputError
+from pipeline.models.bpe import TextTokenizer, dropout_rng
 from pipeline.models.generator import MODELS_FILE
-from pipeline.models.transformer import PRESETS, DalleConfig, flops_per_token, save_dalle
+from pipeline.models.transformer import PRESETS, DalleConfig, flops_per_token, sample_losses, write_dalle_config
+from pipeline.models.weight_files import DTYPES, INDEX, ShardedWriter, weight_files
 from pipeline.observe.tracking import read_metrics
 from pipeline.stages.base import RunContext
 from pipeline.stages.clip import clip_path
 from pipeline.stages.model_stage import ModelStage
 
-MODEL_FILES = ["model.pt", "config.json"]
+MODEL_FILES = [INDEX, "config.json"]
+"""What every trained transformer folder holds (besides the shards its index names)."""
 
 
 class TransformerTask:
     """The transformer as a `pipeline.train.loop.TrainTask`. Config: {"model": DalleConfig
-    dict, "eval_batch_size": int, "models": {"dvae", "clip", "tokenizer": URL}} (the companions
-    the export names in `models.json`, for sampling)."""
+    dict, "eval_batch_size": int, "export_precision": "fp32" | "bf16" | "fp16", "bpe_dropout":
+    float, "seed": int, "models": {"dvae", "clip", "tokenizer": URL}} (the companions the export
+    names in `models.json`, for sampling; the tokenizer also re-tokenizes captions for BPE dropout)."""
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = DalleConfig.from_dict(config["model"])
         self.eval_batch_size = int(config.get("eval_batch_size", 16))
+        self.export_dtype = DTYPES[config.get("export_precision", "fp32")]
         self.models = dict(config.get("models", {}))
+        self.bpe_dropout = float(config.get("bpe_dropout", 0.0))
+        self.seed = int(config.get("seed", 0))
+        if self.bpe_dropout > 0 and "tokenizer" not in self.models:
+            raise ValueError("transformer task: bpe_dropout needs models.tokenizer")
+        self._tokenizer: TextTokenizer | None = None
         self.tokens_per_sample = self.cfg.seq_len
         self.flops_per_token = flops_per_token(self.cfg)
 
@@ -49,9 +61,20 @@ class TransformerTask:
         return Dalle(self.cfg)
 
     def decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        text = npy_load(sample["text_tokens.npy"]).astype(np.int64)
+        """(text ids, image ids); a training sample's caption is re-tokenized with BPE dropout
+        seeded from (seed, epoch, key) when `bpe_dropout` > 0, else the encoded tokens are used
+        (always for held-out samples, which carry no epoch)."""
         image = npy_load(sample["image_tokens.npy"]).astype(np.int64)
-        return text, image
+        if self.bpe_dropout > 0 and EPOCH in sample:
+            rng = dropout_rng(self.seed, sample[EPOCH], sample["__key__"])
+            text = self._text().encode(sample["txt"].decode(), self.bpe_dropout, rng)
+            return text.astype(np.int64), image
+        return npy_load(sample["text_tokens.npy"]).astype(np.int64), image
+
+    def _text(self):
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer.load(self.models["tokenizer"], self.cfg.text_len)
+        return self._tokenizer
 
     def collate(self, items: list[tuple[np.ndarray, np.ndarray]], device: torch.device, dtype) -> dict:
         text = torch.from_numpy(np.stack([t for t, _ in items]))
@@ -63,25 +86,35 @@ class TransformerTask:
         return loss, parts
 
     @torch.no_grad()
+    def heldout_losses(self, model: nn.Module, held: list, device: torch.device) -> dict[str, np.ndarray]:
+        """Each held-out sample's losses (the training loss and its text and image parts)."""
+        out: dict[str, list[np.ndarray]] = {"heldout_loss": [], "heldout_text_loss": [], "heldout_image_loss": []}
+        for start in range(0, len(held), self.eval_batch_size):
+            batch = self.collate(held[start : start + self.eval_batch_size], device, None)
+            for key, value in zip(out, sample_losses(model, batch["text"], batch["image"])):
+                out[key].append(value.cpu().numpy())
+        return {k: np.concatenate(v) for k, v in out.items()}
+
     def evaluate(self, model: nn.Module, held: list, device: torch.device) -> tuple[dict, dict]:
-        """Held-out losses (sample-weighted means over the held-out set)."""
+        """Held-out losses (means over the held-out set) of a whole model on one process."""
         if not held:
             return {}, {}
-        totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
-        for start in range(0, len(held), self.eval_batch_size):
-            chunk = held[start : start + self.eval_batch_size]
-            batch = self.collate(chunk, device, None)
-            loss, parts = model(batch["text"], batch["image"], return_loss=True)
-            for key, value in {"loss": float(loss), **parts}.items():
-                totals[key] += value * len(chunk)
-        return {f"heldout_{k}": v / len(held) for k, v in totals.items()}, {}
+        return {k: float(v.mean(dtype=np.float64)) for k, v in self.heldout_losses(model, held, device).items()}, {}
+
+    def export_tensors(self, tensors, out_url: str) -> list[str]:
+        """Streams the final weights into sharded safetensors, then `config.json` and `models.json`."""
+        writer = ShardedWriter(out_url, self.export_dtype)
+        for name, value in tensors:
+            writer.add(name, value)
+        files = [*writer.close(), "config.json"]
+        write_dalle_config(self.cfg, out_url)
+        if self.models:
+            storage.write_json(storage.join(out_url, MODELS_FILE), self.models)
+            files.append(MODELS_FILE)
+        return files
 
     def export(self, model: nn.Module, out_url: str) -> list[str]:
-        save_dalle(model, out_url)
-        if not self.models:
-            return list(MODEL_FILES)
-        storage.write_json(storage.join(out_url, MODELS_FILE), self.models)
-        return [*MODEL_FILES, MODELS_FILE]
+        return self.export_tensors(model.state_dict().items(), out_url)
 
 
 def companions(recipe: Recipe, output_dir: str) -> dict[str, str]:
@@ -141,10 +174,13 @@ class TrainStage(ModelStage):
         config = {
             "model": self.model_config().to_dict(),
             "eval_batch_size": self.cfg.eval_batch_size,
+            "export_precision": self.cfg.export_precision,
+            "bpe_dropout": self.recipe.text_tokenizer.bpe_dropout,
+            "seed": self.cfg.train.seed,
             "models": companions(self.recipe, self.output_dir),
         }
         trained = self.train(attempt.folder, ctx, config, self.cfg.holdout)
-        attempt.adopt(*MODEL_FILES, MODELS_FILE)
+        attempt.adopt(*weight_files(attempt.folder), "config.json", MODELS_FILE)
         return trained
 
     def score(self, attempt: Attempt) -> dict[str, float]:

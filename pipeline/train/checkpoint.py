@@ -13,7 +13,9 @@ model for `dalle export`).
 Ray Train registers a checkpoint once every rank has reported it and keeps the last K. After a
 restart (`FailureConfig`, or a rerun of the stage) the workers resume from the newest complete
 checkpoint in the run folder (every rank's listed files present at their size); an incomplete
-one is skipped, with a warning, for the newest complete one before it.
+one is skipped, with a warning, for the newest complete one before it. Rank 0 alone finds it
+(one listing); each rank then fetches only its own partitions and the shared files (at 12B on
+512 ranks: ~0.4 GB each, not the whole ~200 GB checkpoint).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -75,22 +78,40 @@ def save(engine, ema, state: dict[str, Any], task: dict[str, Any], metrics: dict
 
 
 def problem(url: str) -> str | None:
-    """Why the checkpoint folder at `url` (local path or fsspec URL) cannot be resumed, or None."""
+    """Why the checkpoint folder at `url` (local path or fsspec URL) cannot be resumed, or None.
+    One listing of the folder and one batched read of the ranks' file lists, whatever the world."""
     state = storage.read_json_or_none(storage.join(url, STATE))
     if state is None:
         return f"no {STATE}"
-    fs, _ = storage.get_fs(url)
+    present = storage.file_sizes(url)
+    lists = storage.read_many([storage.join(url, _rank_list(r)) for r in range(state["world"])])
     for rank in range(state["world"]):
-        files = storage.read_json_or_none(storage.join(url, "ranks", f"rank_{rank:05d}.json"))
-        if files is None:
+        data = lists.get(storage.join(url, _rank_list(rank)))
+        if data is None:
             return f"rank {rank} left no file list"
-        for rel, size in sorted(files.items()):
-            path = storage.get_fs(storage.join(url, rel))[1]
-            if not fs.exists(path):
+        for rel, size in sorted(json.loads(data).items()):
+            if rel not in present:
                 return f"rank {rank}'s {rel} is missing"
-            if fs.size(path) != size:
-                return f"rank {rank}'s {rel} has {fs.size(path)} bytes, it wrote {size}"
+            if present[rel] != size:
+                return f"rank {rank}'s {rel} has {present[rel]} bytes, it wrote {size}"
     return None
+
+
+def _rank_list(rank: int) -> str:
+    return f"ranks/rank_{rank:05d}.json"
+
+
+# Files one rank writes for itself: DeepSpeed's ZeRO partitions and our EMA shards and file lists.
+_RANK_FILE = re.compile(r"(zero_pp_rank_\d+_|rank_\d{5}\.)")
+
+
+def rank_files(url: str, rank: int) -> list[str]:
+    """What rank `rank` reads to resume from the checkpoint at `url` (same world size): the files it
+    wrote itself (its ZeRO partitions, its EMA shard) and the shared ones rank 0 wrote (trainer
+    state, task, ZeRO 0-2's module file); never another rank's partitions."""
+    own = json.loads(storage.read_bytes(storage.join(url, _rank_list(rank))))
+    first = own if rank == 0 else json.loads(storage.read_bytes(storage.join(url, _rank_list(0))))
+    return sorted(set(own) | {f for f in first if not _RANK_FILE.search(f)})
 
 
 def checkpoints(run_url: str) -> list[str]:
@@ -116,49 +137,72 @@ def latest_complete(run_url: str) -> str | None:
     return None
 
 
-def resumable(run_url: str, world: int) -> dict[str, Any] | None:
-    """The trainer state of the checkpoint a run would resume from; raises CheckpointMismatch
-    when it was written by another number of workers (checked on the driver before training)."""
+def resumable(run_url: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest complete checkpoint of a run and its trainer state, or None (on the driver)."""
     url = latest_complete(run_url)
-    if url is None:
-        return None
-    state = storage.read_json(storage.join(url, STATE))
-    if state["world"] != world:
-        raise CheckpointMismatch(
-            f"{url} was written by {state['world']} workers, this run has {world}: set "
-            f"train.workers={state['world']} to resume it, or --force the stage to start over"
-        )
-    return state
+    return None if url is None else (url, trainer_state(url))
 
 
-def load(engine, ema, world: int, run_url: str) -> dict[str, Any] | None:
-    """Restores the newest complete checkpoint of the run at `run_url`; returns its trainer
-    state, or None to start from scratch.
+def newest(run_url: str) -> str | None:
+    """The newest complete checkpoint of the run at `run_url`, or None: found by rank 0 alone (one
+    listing) and told to the others. Collective.
 
     The run folder is scanned rather than trusting only `ray.train.get_checkpoint()`: Ray Train
     registers a checkpoint when its controller next polls the workers, so a crash shortly after
     a report can leave a complete checkpoint on storage that Ray never registered, and resuming
     from Ray's older one would redo (and re-log) those steps."""
-    import ray.train
+    import torch.distributed as dist
 
-    url = latest_complete(run_url)
-    if url is None:
-        return None
-    registered = ray.train.get_checkpoint()
-    if registered is None or os.path.basename(registered.path.rstrip("/")) != os.path.basename(url):
-        log.info("resuming from %s (Ray Train handed back %s)", url, registered.path if registered else "none")
-    with storage.local_copy(url) as folder:  # DeepSpeed reads local files only
-        with open(os.path.join(folder, STATE)) as f:
-            state = json.load(f)
-        if state["world"] != world:
-            raise CheckpointMismatch(
-                f"{url} was written by {state['world']} workers, this run has {world}; "
-                f"set train.workers={state['world']} to resume it (or --force the stage)"
-            )
-        load_path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG, load_module_strict=True)
-        if load_path is None:
-            raise CheckpointMismatch(f"{url}: DeepSpeed found no '{DEEPSPEED_TAG}' checkpoint in it")
-        if ema is not None:
-            path = os.path.join(folder, "ema", f"rank_{ema.rank:05d}.pt")
-            ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return latest_complete(run_url)
+    found = [latest_complete(run_url) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def trainer_state(url: str) -> dict[str, Any]:
+    """The trainer state of the checkpoint at `url`, with the batch layout of runs that predate it."""
+    state = storage.read_json(storage.join(url, STATE))
+    state.setdefault("lanes", state["world"])
+    state.setdefault("per_lane", 1)
     return state
+
+
+def load(engine, ema, url: str, state: dict[str, Any], rank: int, world: int) -> None:
+    """Restores the checkpoint at `url` (with trainer `state`) into `engine` and `ema`. On the
+    world that wrote it each rank fetches only `rank_files`; on another, the universal folder
+    (ZeRO 1-3, engine built with `load_universal`) or the whole ZeRO-0 files, and every EMA shard
+    to re-cut its own."""
+    from pipeline.train.ema import reshard
+    from pipeline.train.universal import UNIVERSAL_TAG, converted
+
+    same_world = state["world"] == world
+    if same_world:
+        files = rank_files(url, rank)
+    elif engine.zero_optimization_stage() == 0:
+        files = rank_files(url, 0)
+        files = [f for f in files if not f.startswith("ema/")] + _ema_files(url)
+    elif not converted(url):
+        raise CheckpointMismatch(f"{url}: written by {state['world']} workers and not converted for {world}")
+    else:
+        files = sorted({f"{UNIVERSAL_TAG}/{f}" for f in storage.file_sizes(storage.join(url, UNIVERSAL_TAG))})
+        files += _ema_files(url)
+    tag = DEEPSPEED_TAG if same_world or engine.zero_optimization_stage() == 0 else UNIVERSAL_TAG
+    with storage.local_copy(url, files) as folder:  # DeepSpeed reads local files only
+        load_path, _ = engine.load_checkpoint(folder, tag=tag, load_module_strict=True)
+        if load_path is None:
+            raise CheckpointMismatch(f"{url}: DeepSpeed found no '{tag}' checkpoint in it")
+        if ema is not None:
+            if same_world:
+                path = os.path.join(folder, "ema", f"rank_{ema.rank:05d}.pt")
+                ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                paths = [os.path.join(folder, f) for f in files if f.startswith("ema/")]
+                saved = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
+                ema.load_state_dict(reshard(saved, rank, world))
+    how = "" if same_world else f" (written by {state['world']} workers, re-cut for {world})"
+    log.info("rank %d resumed from %s at step %d%s, reading %d files", rank, url, state["step"], how, len(files))
+
+
+def _ema_files(url: str) -> list[str]:
+    return [f"ema/{n}" for n in storage.list_names(storage.join(url, "ema"), ".pt")]

@@ -5,12 +5,20 @@ every parameter, so the EMA costs 4/world bytes per parameter per rank, never a 
 The slices follow ZeRO-3's own partition layout (parameter flattened, padded to a multiple of
 the world size, rank r holding [r·p, (r+1)·p)), so under ZeRO-3 a rank's slice is exactly its
 `ds_tensor` and nothing is gathered to update it; under ZeRO 0-2 the rank cuts its slice from
-the full parameter. `merge_shards` puts the slices back together (export, evaluation).
+the full parameter.
+
+Nothing ever holds the whole EMA on one rank while training: evaluation swaps each rank's slices
+into the engine's own partitions (`applied`) and back; the export streams one gathered parameter
+at a time (`full_tensors`). Offline, `merge_shards` puts saved slices back together (`dalle
+export`), and `reshard` cuts a saved world's slices for another world size (resuming on M ranks
+a run saved on N).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -60,31 +68,109 @@ class EMA:
             )
         self.shadow = {k: v.float().to(self.shadow[k].device).clone() for k, v in state["shadow"].items()}
 
-    @torch.no_grad()
-    def gather(self) -> dict[str, torch.Tensor] | None:
-        """The full EMA weights on rank 0 (None elsewhere); a collective every rank must call."""
+    def _all_parts(self, name: str) -> list[torch.Tensor]:
         import torch.distributed as dist
 
+        local = self.shadow[name]
         if not dist.is_initialized() or self.world == 1:
-            return merge_shards([self.state_dict()])
-        out: dict[str, torch.Tensor] = {}
-        for name, local in self.shadow.items():
-            parts = [torch.empty_like(local) for _ in range(self.world)]
-            dist.all_gather(parts, local)
-            if self.rank == 0:
-                out[name] = _assemble([p.cpu() for p in parts], self.shapes[name])
+            return [local]
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local)
+        return parts
+
+    @torch.no_grad()
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full float32 EMA weight) one parameter at a time, on every rank; a collective every
+        rank must drive to the end. Memory: one parameter, never the model."""
+        for name, shape in self.shapes.items():
+            yield name, _assemble([p.cpu() for p in self._all_parts(name)], shape)
+
+    @torch.no_grad()
+    def gather(self) -> dict[str, torch.Tensor] | None:
+        """The full EMA weights on rank 0 (None elsewhere), for models small enough to hold whole on
+        one rank (the dVAE, CLIP); a collective every rank must call."""
+        out = dict(self.full_tensors())
         return out if self.rank == 0 else None
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """Within the block `model` (the engine's module) computes with the EMA weights, in its own
+        dtype: under ZeRO-3 each rank copies its slices into its own partitions (nothing gathered);
+        otherwise every rank assembles each full parameter in turn. The engine's weights are
+        restored on exit. Collective."""
+        params = dict(model.named_parameters())
+        zero3 = any(hasattr(p, "ds_tensor") for p in params.values())
+        saved: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            with _persistent_released(params.values() if zero3 else ()):
+                for name, param in params.items():
+                    target = param.ds_tensor if zero3 else param.data
+                    saved[name] = target.clone()
+                    value = self.shadow[name] if zero3 else self._full(name)
+                    target.copy_(value.reshape(target.shape).to(target.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad(), _persistent_released(params.values() if zero3 else ()):
+                for name, param in params.items():
+                    (param.ds_tensor if zero3 else param.data).copy_(saved.pop(name))
+
+    def _full(self, name: str) -> torch.Tensor:
+        return torch.cat(self._all_parts(name))[: math.prod(self.shapes[name])].view(self.shapes[name])
+
+
+@contextmanager
+def _persistent_released(params) -> Iterator[None]:
+    """ZeRO-3 keeps small parameters whole on every rank ("persistent"): drop those copies while the
+    partitions change, gather them again from the partitions after (as DeepSpeed does after a step)."""
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].partition(persistent)
+    try:
+        yield
+    finally:
+        if persistent:
+            persistent[0].all_gather(persistent)
 
 
 def _assemble(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat(parts)[: math.prod(shape)].view(shape).clone()
 
 
-def merge_shards(states: list[dict]) -> dict[str, torch.Tensor]:
-    """Full float32 weights from every rank's `EMA.state_dict()` (any order)."""
+def _in_rank_order(states: list[dict]) -> list[dict]:
     states = sorted(states, key=lambda s: s["rank"])
     world = states[0]["world"]
     if [s["rank"] for s in states] != list(range(world)):
         raise ValueError(f"EMA shards of ranks {[s['rank'] for s in states]} do not cover a world of {world}")
-    shapes = states[0]["shapes"]
-    return {name: _assemble([s["shadow"][name].cpu() for s in states], shape) for name, shape in shapes.items()}
+    return states
+
+
+def merged_tensors(states: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full float32 weight) from every rank's `EMA.state_dict()` (any order), one parameter
+    at a time (with memory-mapped states, only that parameter is in memory)."""
+    states = _in_rank_order(states)
+    for name, shape in states[0]["shapes"].items():
+        yield name, _assemble([s["shadow"][name].cpu() for s in states], shape).float()
+
+
+def merge_shards(states: list[dict]) -> dict[str, torch.Tensor]:
+    """Full float32 weights from every rank's `EMA.state_dict()` (any order)."""
+    return dict(merged_tensors(states))
+
+
+def reshard(states: list[dict], rank: int, world: int) -> dict:
+    """Rank `rank` of `world`'s `EMA.state_dict()` from every saved rank's state of another world
+    size (any order). One parameter is whole at a time; with the states loaded memory-mapped
+    (`torch.load(mmap=True)`) only the slices read are in memory."""
+    shadow = {}
+    for name, full in merged_tensors(states):
+        flat = full.reshape(-1)
+        size = partition_size(flat.numel(), world)
+        part = flat[rank * size : (rank + 1) * size]
+        shadow[name] = torch.cat([part, part.new_zeros(size - part.numel())]).float()
+    return {
+        "rank": rank,
+        "world": world,
+        "shapes": {k: tuple(v) for k, v in states[0]["shapes"].items()},
+        "shadow": shadow,
+    }

@@ -8,6 +8,7 @@ Both are the same update rule. The recipe's raw `deepspeed` block is merged over
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,10 +40,17 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, An
     }
     if cfg.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    zero = ds["zero_optimization"]
+    if cfg.hpz_partition_size > 1:
+        zero["zero_hpz_partition_size"] = cfg.hpz_partition_size
+    if cfg.quantized_weights:
+        zero["zero_quantized_weights"] = True
+    if cfg.quantized_gradients:
+        zero["zero_quantized_gradients"] = True
     if cfg.offload_params:
         ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    if cfg.grad_clip is not None:
-        ds["gradient_clipping"] = cfg.grad_clip
+    # DeepSpeed clips at 1.0 unless told otherwise; null means no clipping
+    ds["gradient_clipping"] = cfg.grad_clip if cfg.grad_clip is not None else 0.0
     if on_gpu:
         ds["optimizer"] = {
             "type": "AdamW",
@@ -54,6 +62,21 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, An
             # loss_scale 0: dynamic loss scaling (halved on overflow, the step skipped)
             ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return merge(ds, cfg.deepspeed)
+
+
+def build_model(build: Callable[[], nn.Module], cfg: TrainConfig, world: int, on_gpu: bool) -> nn.Module:
+    """`build()` under `deepspeed.zero.Init` for ZeRO-3: each module's parameters are partitioned
+    as soon as it is built, so a rank never holds more than its partition and one module whole
+    (49 GB of fp32 per rank at 12B otherwise). Other stages build as usual."""
+    if cfg.zero_stage != 3:
+        return build()
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world, on_gpu)
+    # only what partitioning reads: zero.Init checks batch sizes against a world it may not see yet
+    init = {k: ds[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds}
+    with deepspeed.zero.Init(config_dict_or_path={**init, "train_micro_batch_size_per_gpu": cfg.batch_size}):
+        return build()
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, world: int, on_gpu: bool):

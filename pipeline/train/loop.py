@@ -2,14 +2,16 @@
 
 A task says how to build the model, decode and collate samples, compute the loss of a batch at a
 step, evaluate on held-out samples and export the final weights; this loop does the rest: the
-DeepSpeed engine, the learning-rate schedule, the resumable data stream, per-step noise seeded
-from (seed, step, rank) so a resumed run draws the same noise, the sharded EMA, metrics,
-checkpoints.
+model built partitioned (ZeRO-3), the DeepSpeed engine, the learning-rate schedule, the resumable
+data stream, per-step noise seeded from (seed, step, rank) so a resumed run draws the same noise,
+the sharded EMA, evaluation on every rank (`pipeline.train.evaluation`), metrics, checkpoints and
+the streamed export.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import time
@@ -22,16 +24,19 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.config.models import TrainConfig
-from pipeline.data.loader import ShardStream, read_span, split_holdout
+from pipeline.data.loader import BatchLayout, ShardSpan
 from pipeline.data.shards import Sample
-from pipeline.engine.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 
 class TrainTask(Protocol):
     """What a trained model contributes to the loop (constructed with its stage config dict).
-    Optional: `tokens_per_sample` and `flops_per_token` attributes (for tokens/s and MFU)."""
+    Optional: `tokens_per_sample` and `flops_per_token` attributes (for tokens/s and MFU);
+    `heldout_losses(model, held, device) -> {metric: per-sample values}` for metrics that are
+    means over samples (then each rank evaluates its share of the held-out set and `evaluate` is
+    not used); `export_tensors(tensors, out_url) -> files` to write the final weights from a
+    stream of (name, full tensor), one at a time, instead of `export` from a whole model."""
 
     def build_model(self) -> nn.Module: ...
 
@@ -47,8 +52,8 @@ class TrainTask(Protocol):
     def evaluate(
         self, model: nn.Module, held: list[Any], device: torch.device
     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Metrics and uint8 image grids on the held-out samples: on every rank with the engine's
-        module (a ZeRO-3 forward is collective), and on rank 0 with the gathered EMA weights."""
+        """Metrics and uint8 image grids on the whole held-out set, run on every rank with the
+        engine's module (meaningful on rank 0)."""
 
     def export(self, model: nn.Module, out_url: str) -> list[str]:
         """Writes the final weights under `out_url`; returns the file names."""
@@ -59,8 +64,21 @@ def load_task(path: str, config: dict[str, Any]) -> TrainTask:
     return getattr(importlib.import_module(module), cls)(config)
 
 
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63)
+def step_seed(seed: int, step: int, lane: int, index: int) -> int:
+    """The noise seed of one micro-batch slot of an update (the same whichever rank computes it)."""
+    return (seed * 1_000_003 + step * 10_007 + lane * 101 + index) % (2**63)
+
+
+def _forget_keys_after(run_url: str, step: int) -> None:
+    """Removes sample-key files of steps after the one resumed from (left by ranks of an abandoned
+    attempt, possibly of another world size), so the audit sees each trained step once."""
+    from pipeline.train.paths import sample_keys_root
+
+    root = sample_keys_root(run_url)
+    fs, _ = storage.get_fs(root)
+    for rel in storage.file_sizes(root):
+        if int(rel.rsplit("/", 1)[-1].split(".")[0]) > step:
+            fs.rm(storage.get_fs(storage.join(root, rel))[1])
 
 
 class KeyedDecode:
@@ -93,12 +111,12 @@ class TrainSpec:
     config: dict[str, Any]
     """The task's config, as JSON (the checkpoint keeps it beside the task to rebuild the model)."""
     train: TrainConfig
-    data_url: str
-    """The stage whose committed shards are trained on."""
-    holdout: int
-    """Samples (the last in shard order) kept out of training for evaluation."""
+    train_spans: list[ShardSpan]
+    """The committed shards trained on (the driver reads the ledger once for every rank)."""
+    held_spans: list[ShardSpan]
+    """The held-out samples (the last in shard order), kept out of training for evaluation."""
     out_url: str
-    """Where rank 0 exports the final weights."""
+    """Where the final weights are exported."""
     run_url: str
     """The trained stage's folder (its `_train/` run, metrics and W&B files)."""
     name: str
@@ -106,8 +124,11 @@ class TrainSpec:
     use_gpu: bool
 
     def tracked(self) -> dict[str, Any]:
-        """The spec as the W&B run's config."""
-        return {**asdict(self), "train": self.train.model_dump(mode="json")}
+        """The spec as the W&B run's config (shard counts, not the shard lists)."""
+        spec = {k: v for k, v in asdict(self).items() if k not in ("train_spans", "held_spans")}
+        spec.update(train=self.train.model_dump(mode="json"), train_shards=len(self.train_spans))
+        spec.update(train_samples=sum(s.count for s in self.train_spans))
+        return {**spec, "heldout_samples": sum(s.count for s in self.held_spans)}
 
 
 def train_worker(spec: TrainSpec) -> None:
@@ -121,7 +142,8 @@ def train_worker(spec: TrainSpec) -> None:
     from pipeline.observe.tracking import Tracker, new_run_id
     from pipeline.train import checkpoint, throughput
     from pipeline.train.ema import EMA
-    from pipeline.train.engine import autocast_dtype, build_engine, loss_scale, set_lr
+    from pipeline.train.engine import autocast_dtype, build_engine, build_model, loss_scale, set_lr
+    from pipeline.train.evaluation import evaluate_with_ema, held_out
     from pipeline.train.paths import progress_url, run_storage, sample_keys_url
     from pipeline.train.schedules import learning_rate
 
@@ -132,11 +154,19 @@ def train_worker(spec: TrainSpec) -> None:
     dtype = autocast_dtype(cfg, on_gpu)
     task = load_task(spec.task, spec.config)
 
+    url = checkpoint.newest(run_storage(spec.run_url))  # rank 0 looks, every rank is told
+    state = checkpoint.trainer_state(url) if url else None
+    if state is None:
+        state = {"step": 0, "run_id": new_run_id(), "lanes": world, "per_lane": cfg.grad_accum}
+    layout = BatchLayout(state["lanes"], state["per_lane"])
+    run_cfg = cfg.model_copy(update={"grad_accum": layout.slots // world})  # this world's share of an update
+    if url and state["world"] != world and cfg.zero_stage >= 1:  # converted by the driver (`universal`)
+        run_cfg = run_cfg.model_copy(update={"deepspeed": {**cfg.deepspeed, "checkpoint": {"load_universal": True}}})
     torch.manual_seed(cfg.seed)
-    engine = build_engine(task.build_model(), cfg, world, on_gpu)
+    engine = build_engine(build_model(task.build_model, run_cfg, world, on_gpu), run_cfg, world, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay, rank, world) if cfg.ema_decay is not None else None
-    fresh = {"step": 0, "run_id": new_run_id(), "world": world}
-    state = checkpoint.load(engine, ema, world, run_storage(spec.run_url)) or fresh
+    if url:
+        checkpoint.load(engine, ema, url, state, rank, world)
     step = state["step"]
 
     tracker = None
@@ -147,29 +177,36 @@ def train_worker(spec: TrainSpec) -> None:
         tracker.truncate(step)
         if step:
             tracker.log({"resumed_from": step}, step)
-    train_spans, held_spans = split_holdout(Ledger(spec.data_url).spans(), spec.holdout)
-    stream = ShardStream(train_spans, rank=rank, world=world, seed=cfg.seed, decode=KeyedDecode(task))
-    held = [task.decode(s) for span in held_spans for s in read_span(span)]
-    per_step = cfg.batch_size * cfg.grad_accum
-    batches = stream.batches(cfg.batch_size, position=step * per_step, workers=cfg.loader_workers)
+    held, real = held_out(task, spec.held_spans, rank, world)
+    per_update = cfg.batch_size * layout.slots
+    updates = layout.rank_batches(
+        spec.train_spans,
+        rank,
+        world,
+        seed=cfg.seed,
+        decode=KeyedDecode(task),
+        batch_size=cfg.batch_size,
+        step=step,
+        workers=cfg.loader_workers,
+    )
     if step:
-        log.info("rank %d resumes at step %d (sample %d)", rank, step, step * per_step)
+        log.info("rank %d of %d resumes at step %d (sample %d of the run)", rank, world, step, step * per_update)
     peak = throughput.peak_flops(device, cfg.precision if on_gpu else "fp32")
     keys_url = sample_keys_url(spec.run_url, rank)
+    if rank == 0 and cfg.log_sample_keys:
+        _forget_keys_after(spec.run_url, step)
 
     window: list[dict[str, float]] = []
     keys: list[list[str]] = []
-    ema_model, ema_step = None, -1  # the gathered EMA of the last evaluation, reused for the export
     started, window_start = time.monotonic(), step
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
         set_lr(engine, lr)
         step_keys: list[str] = []
-        for micro in range(cfg.grad_accum):
-            keyed = next(batches)
+        for (lane, index), keyed in next(updates):
             step_keys += [key for key, _ in keyed]
             batch = task.collate([item for _, item in keyed], device, dtype)
-            generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank, micro))
+            generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, lane, index))
             loss, metrics = task.loss(engine, batch, step, generator)
             engine.backward(loss)
             engine.step()
@@ -183,7 +220,7 @@ def train_worker(spec: TrainSpec) -> None:
             metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
             metrics = _mean_across_ranks(metrics, device)
             seconds = time.monotonic() - started
-            samples_per_s = (step - window_start) * per_step * world / max(seconds, 1e-9)
+            samples_per_s = (step - window_start) * per_update / max(seconds, 1e-9)
             metrics.update(lr=lr, samples_per_s=samples_per_s, **throughput.memory_gb(device))
             if hasattr(task, "tokens_per_sample"):
                 metrics.update(
@@ -201,9 +238,7 @@ def train_worker(spec: TrainSpec) -> None:
                 progress = {"step": step, "steps": cfg.steps, "samples_per_s": samples_per_s}
                 storage.write_json(progress_url(spec.run_url), progress)
         if step % cfg.checkpoint_every == 0 or last:
-            if ema is not None:
-                ema_model, ema_step = _whole_model(engine, ema, task), step
-            scores, images = _evaluate(engine, ema_model, task, held, device)
+            scores, images = evaluate_with_ema(task, engine, ema, held, real, device)
             if tracker is not None:
                 tracker.log(scores, step)
                 tracker.log_images(images, step)
@@ -211,19 +246,40 @@ def train_worker(spec: TrainSpec) -> None:
             if cfg.log_sample_keys:  # written before the checkpoint: a rerun rewrites the same file
                 storage.write_json(storage.join(keys_url, f"{step:08d}.json"), {"last_step": step, "keys": keys})
             keys = []
-            state = {**state, "step": step, "samples_per_rank": step * per_step}
+            state = {**state, "step": step, "world": world, "samples": step * per_update}
             task_spec = {"task": spec.task, "config": spec.config}
             checkpoint.save(engine, ema, state, task_spec, {"step": step}, rank)
 
-    model = ema_model if ema_step == step else _whole_model(engine, ema, task)
-    if rank == 0:
-        task.export(model, spec.out_url)
+    _export(task, engine, ema, spec.out_url, rank)
+    if tracker is not None:
         tracker.finish()
 
 
+def _export(task: TrainTask, engine, ema, out_url: str, rank: int) -> None:
+    """Writes the final weights (the EMA's when kept) under `out_url` from rank 0. With
+    `export_tensors` they stream one gathered parameter at a time (collective); otherwise (small
+    models) rank 0 builds the whole model."""
+    from pipeline.train.weights import module_tensors
+
+    if hasattr(task, "export_tensors"):
+        if ema is None:
+            tensors = module_tensors(engine.module)
+        else:
+            tensors = itertools.chain(ema.full_tensors(), engine.module.named_buffers())
+        if rank == 0:
+            task.export_tensors(tensors, out_url)
+        for _ in tensors:  # the other ranks take part in every gather
+            pass
+        return
+    model = _whole_model(engine, ema, task)
+    if rank == 0:
+        task.export(model, out_url)
+
+
 def _whole_model(engine, ema, task: TrainTask) -> nn.Module | None:
-    """The weights to evaluate and export as a plain module on rank 0 (None elsewhere): the
-    EMA's when kept, else the engine's, gathered from the partitions. Collective."""
+    """The final weights as a plain float32 module on rank 0 (None elsewhere): the EMA's when
+    kept, else the engine's, gathered from the partitions. Collective; for models that fit one
+    rank whole (the dVAE, CLIP)."""
     from pipeline.train.weights import live_state, load_weights
 
     state = live_state(engine, ema)
@@ -231,19 +287,4 @@ def _whole_model(engine, ema, task: TrainTask) -> nn.Module | None:
         return None
     with torch.random.fork_rng(devices=[]):  # building must not move the global RNG
         model = task.build_model()
-    return load_weights(model, state).to(engine.device).eval()
-
-
-def _evaluate(engine, ema_model: nn.Module | None, task: TrainTask, held: list[Any], device: torch.device):
-    """Held-out metrics and images (meaningful on rank 0): the engine's, measured on every rank
-    (a ZeRO-3 forward is collective), and with an EMA also those of its gathered weights (rank 0
-    only, the others hold None), prefixed `ema_` (its images are the ones shown)."""
-    engine.module.eval()
-    try:
-        scores, images = task.evaluate(engine.module, held, device)
-    finally:
-        engine.module.train()
-    if ema_model is not None:
-        ema_scores, images = task.evaluate(ema_model, held, device)
-        scores = {**scores, **{f"ema_{k}": v for k, v in ema_scores.items()}}
-    return scores, images
+    return load_weights(model, state).eval()

@@ -19,6 +19,11 @@ def progress_url(stage_url: str) -> str:
     return storage.join(train_storage(stage_url), "progress.json")
 
 
+def sample_keys_root(stage_url: str) -> str:
+    """Where the ranks record the keys they trained on (`train.log_sample_keys`)."""
+    return storage.join(train_storage(stage_url), "sample_keys")
+
+
 def sample_keys_url(stage_url: str, rank: int) -> str:
-    """Where rank `rank` records the keys it trained on (`train.log_sample_keys`)."""
-    return storage.join(train_storage(stage_url), "sample_keys", f"rank_{rank:05d}")
+    """Where rank `rank` records the keys it trained on."""
+    return storage.join(sample_keys_root(stage_url), f"rank_{rank:05d}")

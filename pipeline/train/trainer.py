@@ -15,11 +15,14 @@ import ray
 
 from pipeline import storage
 from pipeline.config.models import TrainConfig
-from pipeline.errors import CheckpointMismatch, StageFailed, one_line
+from pipeline.data.loader import BatchLayout, split_holdout
+from pipeline.engine.ledger import Ledger
+from pipeline.errors import StageFailed, one_line
 from pipeline.observe.progress import StageProgress
 from pipeline.train.checkpoint import resumable
 from pipeline.train.loop import TrainSpec, train_worker
 from pipeline.train.paths import progress_url, run_storage, train_storage
+from pipeline.train.universal import convert, converted, needs_conversion
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,28 @@ def _worker_errors(err: Exception) -> str:
     return one_line(err)
 
 
+def _prepare_resume(label: str, run_url: str, cfg: TrainConfig) -> None:
+    """When the newest checkpoint was written by another number of workers: refuses (one line) a
+    worker count that cannot share the run's updates, and converts ZeRO 1-3 files to a universal
+    checkpoint (a Ray task, once per checkpoint) for the new world to load."""
+    found = resumable(run_url)
+    if found is None or found[1]["world"] == cfg.workers:
+        return
+    url, state = found
+    problem = BatchLayout(state["lanes"], state["per_lane"]).problem(cfg.workers)
+    if problem:
+        raise StageFailed(f"stage '{label}': cannot resume {url} on {cfg.workers} workers: {problem}")
+    log.info("%s: resuming a run of %d workers on %d", label, state["world"], cfg.workers)
+    if needs_conversion(cfg.zero_stage) and not converted(url):
+        task = ray.remote(num_cpus=1)(convert).options(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        try:
+            ray.get(task.remote(url))
+        except Exception as err:  # noqa: BLE001 - a failed conversion ends the stage in one line
+            raise StageFailed(
+                f"stage '{label}': converting {url} to a universal checkpoint failed: {one_line(err)}"
+            ) from None
+
+
 def fit(
     label: str,
     task: str,
@@ -51,23 +76,23 @@ def fit(
     stage_url: str,
     name: str,
     progress: StageProgress | None = None,
-) -> None:
+) -> int:
     """Trains `task` (a "module:Class" TrainTask) to `cfg.steps`, resuming from the latest
-    checkpoint; rank 0 exports the final weights to `out_url`. Raises StageFailed."""
+    checkpoint; rank 0 exports the final weights to `out_url`. Returns the samples the run
+    trained on (its last checkpoint's count: the layout it started with, whatever the workers
+    now). Raises StageFailed."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    try:  # refuse a resume with another world size here, not deep inside DeepSpeed
-        resumable(run_storage(stage_url), cfg.workers)
-    except CheckpointMismatch as err:
-        raise StageFailed(f"stage '{label}': {err}") from None
+    _prepare_resume(label, run_storage(stage_url), cfg)
     use_gpu = wants_gpu(cfg)
+    train_spans, held_spans = split_holdout(Ledger(data_url).spans(), holdout)
     spec = TrainSpec(
         task=task,
         config=config,
         train=cfg,
-        data_url=data_url,
-        holdout=holdout,
+        train_spans=train_spans,
+        held_spans=held_spans,
         out_url=out_url,
         run_url=stage_url,
         name=name,
@@ -109,3 +134,5 @@ def fit(
         raise StageFailed(f"stage '{label}': training failed: {_worker_errors(outcome['error'])}") from None
     if progress is not None:
         progress.finish(label)
+    found = resumable(run_storage(stage_url))
+    return found[1]["samples"] if found else cfg.samples_seen
