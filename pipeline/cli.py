@@ -99,7 +99,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         "--batch-size",
         type=_positive_int,
         default=None,
-        help="candidates drawn together (default: as many as fit in the device's free memory; images do not depend on it)",
+        help="candidates drawn together (default: as many as the device's free memory fits; same images)",
     )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--columns", type=_positive_int, default=8, help="grid columns")
