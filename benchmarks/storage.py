@@ -56,34 +56,20 @@ def moto_bucket(counter: dict[str, int] | None = None) -> tuple[str, dict[str, s
     """moto's S3 server on 127.0.0.1 with an empty bucket, reached through the AWS environment
     variables (set here): (bucket, env, server). With `counter`, every HTTP request it answers
     adds one to `counter["requests"]`."""
-    import logging
     import threading
 
     import boto3
-    from moto.server import DomainDispatcherApplication, ThreadedMotoServer, create_backend_app
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 request
+    from pipeline.synthetic.s3_server import start_s3_server
+
     lock = threading.Lock()
 
-    class Server(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            from moto.server import MotoRequestHandler
-            from werkzeug.serving import make_server
+    def count(method: str, path: str) -> None:
+        if counter is not None:
+            with lock:
+                counter["requests"] = counter.get("requests", 0) + 1
 
-            app = DomainDispatcherApplication(create_backend_app)
-
-            def counted(environ, start_response):
-                if counter is not None:
-                    with lock:
-                        counter["requests"] = counter.get("requests", 0) + 1
-                return app(environ, start_response)
-
-            self._server = make_server(self._ip_address, self._port, counted, True, request_handler=MotoRequestHandler)
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server = start_s3_server(count)
     host, port = server.get_host_and_port()
     env = {
         "AWS_ENDPOINT_URL": f"http://{host}:{port}",

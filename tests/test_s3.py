@@ -13,18 +13,21 @@ import s3fs
 import torch
 import yaml
 from helpers import ENV, ROOT, compare_stage, kill_run_when, run_until
-from moto import server as moto_server
 
 from pipeline import storage, workflow
 from pipeline.config.recipe import load_recipe
 from pipeline.engine.ledger import Ledger
 from pipeline.models.dvae import load_dvae
 from pipeline.observe.tracking import read_metrics
+from pipeline.synthetic.s3_server import start_s3_server
+from pipeline.train.checkpoint import PREFIX
 
 pytestmark = pytest.mark.slow
 
 
 BUCKET = "runs"
+REQUESTS: list[tuple[str, str]] = []
+"""(method, path) of every request the S3 server answered."""
 STAGES = ("ingest", "filter", "text-tokenizer", "dvae", "clip", "encode")
 
 
@@ -32,8 +35,7 @@ STAGES = ("ingest", "filter", "text-tokenizer", "dvae", "clip", "encode")
 def bucket():
     """An empty bucket on a moto server; this process and every `dalle` it starts (with their
     Ray workers) reach it through the standard AWS environment variables."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server = start_s3_server(lambda method, path: REQUESTS.append((method, path)))
     host, port = server.get_host_and_port()
     env = {
         "AWS_ENDPOINT_URL": f"http://{host}:{port}",
@@ -116,6 +118,11 @@ def test_dvae_training_resumed_from_its_checkpoint_on_s3(resumed):
     ours, theirs = load_dvae(storage.join(out, "dvae", "dvae.pt")), load_dvae(str(local / "dvae" / "dvae.pt"))
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # each rank fetched its own EMA shard of the checkpoint it resumed from, once, and not the other's
+    resumed_from = f"/{BUCKET}/run/dvae/_train/run/{PREFIX}"
+    gets = [p for m, p in REQUESTS if m == "GET" and p.startswith(resumed_from) and "/ema/" in p]
+    shards = {p.rsplit("/", 1)[1] for p in gets}
+    assert shards == {"rank_00000.pt", "rank_00001.pt"} and len(gets) == 2, gets
     # W&B writes to local disk; its files are copied to the stage folder on S3
     fs, path = storage.get_fs(storage.join(out, "dvae", "wandb"))
     assert any(p.endswith(".wandb") and "/offline-run-" in p for p in fs.find(path))

@@ -214,10 +214,15 @@ def test_zero3_with_ema_trains_and_exports_the_engine_and_ema_weights(tmp_path, 
         model = load_dalle(str(target))
         scores, _ = task.evaluate(model, held, torch.device("cpu"))
         assert scores["heldout_loss"] == pytest.approx(final[f"{prefix}loss"], rel=1e-5)
-    # the stage's own model.pt is the EMA gathered from the live shards: the same weights
+    # the stage's own weights are the EMA gathered from the live shards: the same weights
     committed, exported = load_dalle(str(stage)), load_dalle(str(tmp_path / "export-ema"))
     for (name, a), (_, b) in zip(committed.state_dict().items(), exported.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # loaded straight into bf16, they give the logged held-out loss up to bf16 rounding
+    bf16 = load_dalle(str(stage), dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    scores, _ = task.evaluate(bf16, held, torch.device("cpu"))
+    assert scores["heldout_loss"] == pytest.approx(final["ema_heldout_loss"], rel=2e-2)
 
 
 def test_export_and_resume_refuse_bad_input_with_one_line(tmp_path, reference):
