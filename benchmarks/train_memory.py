@@ -1,8 +1,11 @@
 """Peak host memory of each training rank while it builds, trains, evaluates, checkpoints and exports,
 next to `dalle plan`'s prediction for the same setup (CPU, gloo, DeepSpeed ZeRO-3 with the EMA).
 
-    python benchmarks/train_memory.py PRESET --workers N [--zero 3] [--steps 2] [--text-len 32]
-        [--grid 8] [--json]
+    python benchmarks/train_memory.py PRESET --workers N [--layers L] [--heads H] [--zero 3]
+        [--steps 2] [--text-len 32] [--grid 8] [--json]
+
+    make bench runs `small --layers 24 --heads 16` (≈350M parameters, the size that fits this
+    machine's 24 GB at 1 and 2 ranks) with 1 and 2 workers.
 
 Each rank is a process (torch.multiprocessing, gloo on 127.0.0.1) running the train stage's own
 pieces without Ray: `build_model` (under `deepspeed.zero.Init` for ZeRO-3), `build_engine`, the
@@ -71,15 +74,29 @@ class PeakSampler:
 def _model_config(args):
     from pipeline.models.transformer import preset
 
-    return preset(args.preset, text_len=args.text_len, image_grid=args.grid, checkpoint_activations=False)
+    sizes = {k: v for k, v in (("layers", args.layers), ("heads", args.heads)) if v is not None}
+    return preset(args.preset, text_len=args.text_len, image_grid=args.grid, checkpoint_activations=False, **sizes)
 
 
 def _train_config(args):
     from pipeline.config.models import TrainConfig
 
     return TrainConfig(
-        workers=args.workers, steps=args.steps, batch_size=1, zero_stage=args.zero, ema_decay=0.99, lr=1e-4
+        workers=args.workers,
+        steps=args.steps,
+        batch_size=1,
+        zero_stage=args.zero,
+        ema_decay=0.99,
+        lr=1e-4,
+        deepspeed=_deepspeed(args),
     )
+
+
+def _deepspeed(args) -> dict:
+    """The raw DeepSpeed keys of the run (and of the plan's prediction): `--reduce-bucket`."""
+    if args.reduce_bucket is None:
+        return {}
+    return {"zero_optimization": {"reduce_bucket_size": args.reduce_bucket}}
 
 
 def _rank(rank: int, args, port: int, out: str, results) -> None:
@@ -165,7 +182,7 @@ def plan_host_gb_per_rank(args) -> float:
     request = PlanRequest(
         gpus=args.workers, gpu_mem_gb=1e6, micro_batch=1, precision="fp32", zero_stage=args.zero, gpus_per_node=8
     )
-    return plan(shape, request, RuntimeRequest(ema=True))["gpu_peak_gb"] + CPU_PROCESS_GB
+    return plan(shape, request, RuntimeRequest(ema=True, deepspeed=_deepspeed(args)))["gpu_peak_gb"] + CPU_PROCESS_GB
 
 
 def main() -> None:
@@ -174,6 +191,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--layers", type=int, help="overrides the preset's layers")
+    parser.add_argument("--heads", type=int, help="overrides the preset's heads (x 64 wide)")
+    parser.add_argument("--reduce-bucket", type=float, help="ZeRO's reduce_bucket_size (default DeepSpeed's 5e8)")
     parser.add_argument("--text-len", type=int, default=32)
     parser.add_argument("--grid", type=int, default=8)
     parser.add_argument("--json", action="store_true")

@@ -136,6 +136,9 @@ def _deepspeed_states(shape: ModelShape, req: PlanRequest, stage: int, offload: 
             zero_init=req.zero_init,
             **common,
         )
+    if req.precision == "fp32" and not (stage == 3 and offload == "optimizer+params"):
+        # the estimators count 16-bit weights (2 bytes); an fp32 run keeps them in 4
+        gpu += 2 * shape.params // (req.gpus if stage == 3 else 1)
     return gpu, cpu
 
 
@@ -334,7 +337,8 @@ def format_plan(result: dict) -> str:
         f" states {recipe['model_states_gb']:.1f} + activations {recipe['activations_gb']:.1f}"
         f" (largest micro-batch {recipe['max_micro_batch']})",
         f"runtime      live parameters {recipe['live_params_gb']:.1f} + buckets {recipe['buckets_gb']:.1f}"
-        f" + hpZ copy {recipe['hpz_copy_gb']:.1f} + EMA {recipe['ema_gb']:.2f} + EMA evaluation"
+        f" + hpZ copy {recipe['hpz_copy_gb']:.1f} + optimizer step {recipe['optimizer_step_gb']:.2f}"
+        f" + EMA {recipe['ema_gb']:.2f} + EMA evaluation"
         f" {recipe['ema_eval_gb']:.2f} -> {result['gpu_peak_gb']:.1f} GB peak per GPU"
         f" -> {'fits' if recipe['gpu_fits'] else 'DOES NOT FIT'}",
     ]

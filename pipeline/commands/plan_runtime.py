@@ -3,10 +3,14 @@ builds, trains, evaluates, checkpoints and exports, the host memory of a node, a
 
 Per GPU, beyond `plan.plan`'s states and activations (P parameters, w bytes per 16-bit value, N GPUs,
 n per node):
-- ZeRO-3 live parameters: the block being computed and the one prefetched, gathered whole
-  (2 x 12·d² x w), plus the prefetch bucket (`stage3_prefetch_bucket_size`) and the gradient
-  reduce bucket (`reduce_bucket_size`), at DeepSpeed's defaults unless the recipe's `deepspeed`
-  block sets them;
+- ZeRO-3 live parameters: DeepSpeed keeps gathered parameters alive up to
+  `stage3_max_live_parameters` (1e9 by default: a model below it stays whole in the forward after
+  the first step), and at least a block (12·d²), x w; plus the prefetch bucket
+  (`stage3_prefetch_bucket_size`) and the gradient reduce bucket (`reduce_bucket_size`), twice on
+  more than one rank (the bucket and its flat copy for the reduce-scatter), at DeepSpeed's defaults
+  unless the recipe's `deepspeed` block sets them;
+- the optimizer step's temporaries: torch's multi-tensor AdamW makes a float32 intermediate the
+  size of the rank's optimizer partition (4·P/N under ZeRO 1-3);
 - ZeRO++ hpZ: a second copy of the 16-bit weights sharded within `hpz_partition_size` GPUs (w·P/hpz);
 - the EMA's float32 slices (4·P/N) and, while it is evaluated, the engine's own partition kept aside
   (w·P/N).
@@ -37,7 +41,7 @@ PROCESS_GB = 3.0
 LOADER_WORKER_GB = 0.5
 NVLINK_GBPS = 2400.0  # NVLink 3/4 within a node, per GPU (300 GB/s)
 EXPORT_SHARD_BYTES = 2 * GB  # `pipeline.models.weight_files.ShardedWriter`'s default
-DEEPSPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": 5e8}
+DEEPSPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,12 +79,14 @@ def gpu_terms(shape, req, run: RuntimeRequest) -> dict[str, float]:
     p, n = shape.params, req.gpus
     terms = {"live_params_gb": 0.0, "buckets_gb": 0.0, "hpz_copy_gb": 0.0}
     if req.zero_stage == 3:
-        block = 12 * shape.d_model**2
-        terms["live_params_gb"] = 2 * block * w / GB
+        live = max(12 * shape.d_model**2, min(p, _zero_setting(run, "stage3_max_live_parameters")))
+        terms["live_params_gb"] = live * w / GB
         terms["buckets_gb"] = (_zero_setting(run, "stage3_prefetch_bucket_size") * w) / GB
         terms["hpz_copy_gb"] = (w * p / run.hpz_partition_size / GB) if run.hpz_partition_size > 1 else 0.0
     if req.zero_stage >= 1:
-        terms["buckets_gb"] += _zero_setting(run, "reduce_bucket_size") * w / GB
+        copies = 2 if n > 1 else 1
+        terms["buckets_gb"] += copies * _zero_setting(run, "reduce_bucket_size") * w / GB
+    terms["optimizer_step_gb"] = 4 * p / (n if req.zero_stage >= 1 else 1) / GB
     terms["ema_gb"] = 4 * p / n / GB if run.ema else 0.0
     terms["ema_eval_gb"] = w * p / n / GB if run.ema else 0.0
     return terms
@@ -148,7 +154,8 @@ def advice(shape, req, run: RuntimeRequest, timing: dict[str, float], checkpoint
     if run.hpz_partition_size >= req.per_node and run.quantized_weights and run.quantized_gradients:
         return (
             f"communication still dominates ({timing['comm_seconds']:.1f} s against {timing['compute_seconds']:.1f} s"
-            " of compute): a larger micro-batch per GPU amortises it"
+            " of compute): a larger micro-batch per GPU amortises it (on fewer GPUs, or with less accumulation,"
+            " to keep the global batch)"
         )
     better = RuntimeRequest(
         **{**run.__dict__, "hpz_partition_size": req.per_node, "quantized_weights": True, "quantized_gradients": True}
