@@ -45,8 +45,8 @@ bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/encode.py
 	$(PY) benchmarks/train.py demo
-	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --workers 1 --json
-	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --workers 2 --json
+	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --reduce-bucket 5e7 --workers 1 --json
+	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --reduce-bucket 5e7 --workers 2 --json
 	$(PY) benchmarks/sample.py demo
 	$(PY) benchmarks/storage.py
 	$(PY) benchmarks/scale_data.py --rows 1000000

@@ -4,8 +4,8 @@ next to `dalle plan`'s prediction for the same setup (CPU, gloo, DeepSpeed ZeRO-
     python benchmarks/train_memory.py PRESET --workers N [--layers L] [--heads H] [--zero 3]
         [--steps 2] [--text-len 32] [--grid 8] [--json]
 
-    make bench runs `small --layers 24 --heads 16` (≈350M parameters, the size that fits this
-    machine's 24 GB at 1 and 2 ranks) with 1 and 2 workers.
+    make bench runs `small --layers 24 --heads 16 --reduce-bucket 5e7` (≈350M parameters; the
+    smaller reduce bucket keeps two ranks inside a 24 GB machine) with 1 and 2 workers.
 
 Each rank is a process (torch.multiprocessing, gloo on 127.0.0.1) running the train stage's own
 pieces without Ray: `build_model` (under `deepspeed.zero.Init` for ZeRO-3), `build_engine`, the
@@ -165,20 +165,8 @@ def plan_host_gb_per_rank(args) -> float:
     activations: on CPU they live in host memory) plus a CPU process's baseline."""
     from pipeline.commands.plan import ModelShape, PlanRequest, plan
     from pipeline.commands.plan_runtime import RuntimeRequest
-    from pipeline.models.transformer import largest_layer_params, param_count
 
-    cfg = _model_config(args)
-    shape = ModelShape(
-        params=param_count(cfg),
-        largest_layer_params=largest_layer_params(cfg),
-        layers=cfg.layers,
-        d_model=cfg.d_model,
-        heads=cfg.heads,
-        seq_len=cfg.seq_len,
-        text_len=cfg.text_len,
-        text_classes=cfg.text_vocab + cfg.text_len,
-        image_classes=cfg.image_vocab,
-    )
+    shape = ModelShape.of(_model_config(args))
     request = PlanRequest(
         gpus=args.workers, gpu_mem_gb=1e6, micro_batch=1, precision="fp32", zero_stage=args.zero, gpus_per_node=8
     )

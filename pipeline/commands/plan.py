@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pipeline.commands.plan_runtime import RuntimeRequest, advice, gpu_terms, host_terms, step_time
 from pipeline.config.recipe import Recipe
 from pipeline.errors import InputError
-from pipeline.models.transformer import largest_layer_params, param_count
+from pipeline.models.transformer import DalleConfig, largest_layer_params, param_count
 from pipeline.stages.train import recipe_model_config
 
 GB = 1024**3
@@ -66,6 +66,21 @@ class ModelShape:
                 raise ValueError(f"model shape: {name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.text_len < self.seq_len:
             raise ValueError(f"model shape: text_len {self.text_len} must be below seq_len {self.seq_len}")
+
+    @classmethod
+    def of(cls, cfg: DalleConfig) -> ModelShape:
+        """The shape of the transformer `cfg` describes."""
+        return cls(
+            params=param_count(cfg),
+            largest_layer_params=largest_layer_params(cfg),
+            layers=cfg.layers,
+            d_model=cfg.d_model,
+            heads=cfg.heads,
+            seq_len=cfg.seq_len,
+            text_len=cfg.text_len,
+            text_classes=cfg.text_vocab + cfg.text_len,
+            image_classes=cfg.image_vocab,
+        )
 
 
 # kw_only: nine similar-looking fields are too easy to swap positionally, and it lets the recipe's choices default.
@@ -368,17 +383,7 @@ def plan_inputs(
     """The model shape and requests of a recipe's transformer training; `cluster` holds the
     `RuntimeRequest` settings given on the command line (host_mem_gb, net_gbps, gpu_tflops, mfu)."""
     cfg, train = recipe_model_config(recipe), recipe.transformer.train
-    shape = ModelShape(
-        params=param_count(cfg),
-        largest_layer_params=largest_layer_params(cfg),
-        layers=cfg.layers,
-        d_model=cfg.d_model,
-        heads=cfg.heads,
-        seq_len=cfg.seq_len,
-        text_len=cfg.text_len,
-        text_classes=cfg.text_vocab + cfg.text_len,
-        image_classes=cfg.image_vocab,
-    )
+    shape = ModelShape.of(cfg)
     try:
         request = PlanRequest(
             gpus=gpus,
