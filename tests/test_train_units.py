@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config.models import DVAESection, TrainConfig
 from pipeline.stages.dvae import codebook_stats, schedules
-from pipeline.train.ema import EMA, merge_shards, reshard
+from pipeline.train.ema import EMA, merged_tensors, reshard
 from pipeline.train.engine import deepspeed_config, merge
 from pipeline.train.evaluation import sharded_means, share
 from pipeline.train.loop import step_seed
@@ -82,7 +82,7 @@ def test_ema_shards_track_the_weights_and_merge_back():
             p.add_(1.0)
     for shard in shards:
         shard.update(model)
-    merged = merge_shards([s.state_dict() for s in reversed(shards)])
+    merged = dict(merged_tensors([s.state_dict() for s in reversed(shards)]))
     for name, value in start.items():
         torch.testing.assert_close(merged[name], value + 0.5)
     again = EMA(model, decay=0.5, rank=1, world=3)
@@ -91,7 +91,7 @@ def test_ema_shards_track_the_weights_and_merge_back():
     with pytest.raises(ValueError, match="does not match"):
         again.load_state_dict(shards[2].state_dict())
     with pytest.raises(ValueError, match="do not cover"):
-        merge_shards([shards[0].state_dict(), shards[2].state_dict()])
+        dict(merged_tensors([shards[0].state_dict(), shards[2].state_dict()]))
 
 
 def test_step_seeds_differ_by_step_rank_and_micro_batch():
@@ -117,7 +117,7 @@ def test_ema_shards_of_one_world_reshard_for_another():
     for world in (1, 2, 4):
         cut = [reshard(saved, r, world) for r in range(world)]
         assert {c["world"] for c in cut} == {world} and [c["rank"] for c in cut] == list(range(world))
-        for name, value in merge_shards(cut).items():
+        for name, value in merged_tensors(cut):
             torch.testing.assert_close(value, dict(model.named_parameters())[name].detach())
         fresh = EMA(model, decay=0.5, rank=world - 1, world=world)
         fresh.load_state_dict(cut[-1])  # the layout a rank of that world would have made itself

@@ -9,7 +9,7 @@ the full parameter.
 
 Nothing ever holds the whole EMA on one rank while training: evaluation swaps each rank's slices
 into the engine's own partitions (`applied`) and back; the export streams one gathered parameter
-at a time (`full_tensors`). Offline, `merge_shards` puts saved slices back together (`dalle
+at a time (`full_tensors`). Offline, `merged_tensors` puts saved slices back together (`dalle
 export`), and `reshard` cuts a saved world's slices for another world size (resuming on M ranks
 a run saved on N).
 """
@@ -106,7 +106,7 @@ class EMA:
                 for name, param in params.items():
                     target = param.ds_tensor if zero3 else param.data
                     saved[name] = target.clone()
-                    value = self.shadow[name] if zero3 else self._full(name)
+                    value = self.shadow[name] if zero3 else _assemble(self._all_parts(name), self.shapes[name])
                     target.copy_(value.reshape(target.shape).to(target.dtype))
         try:
             yield
@@ -114,9 +114,6 @@ class EMA:
             with torch.no_grad(), _persistent_released(params.values() if zero3 else ()):
                 for name, param in params.items():
                     (param.ds_tensor if zero3 else param.data).copy_(saved.pop(name))
-
-    def _full(self, name: str) -> torch.Tensor:
-        return torch.cat(self._all_parts(name))[: math.prod(self.shapes[name])].view(self.shapes[name])
 
 
 @contextmanager
@@ -151,11 +148,6 @@ def merged_tensors(states: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
     states = _in_rank_order(states)
     for name, shape in states[0]["shapes"].items():
         yield name, _assemble([s["shadow"][name].cpu() for s in states], shape).float()
-
-
-def merge_shards(states: list[dict]) -> dict[str, torch.Tensor]:
-    """Full float32 weights from every rank's `EMA.state_dict()` (any order)."""
-    return dict(merged_tensors(states))
 
 
 def reshard(states: list[dict], rank: int, world: int) -> dict:

@@ -135,4 +135,4 @@ def fit(
     if progress is not None:
         progress.finish(label)
     found = resumable(run_storage(stage_url))
-    return found[1]["samples"] if found else cfg.samples_seen
+    return found[1].get("samples", cfg.samples_seen) if found else cfg.samples_seen
