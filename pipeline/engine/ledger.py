@@ -156,7 +156,7 @@ class Ledger:
 
     def _read_summary(self) -> tuple[dict[str, ShardRecord], int | None]:
         try:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(self.path("_ledger", SUMMARY))))
+            table = storage.read_parquet(self.path("_ledger", SUMMARY))
         except FileNotFoundError:
             return {}, None
         except (pa.ArrowException, OSError, ValueError) as err:
