@@ -136,7 +136,7 @@ def main() -> None:
     stage = FilterStage(recipe, work)
     scanned = sorted(storage.list_names(storage.join(work, "filter", "_scan", "_ledger"), ".json"))
     raw = {name.removesuffix(".json"): f"unused/{name.removesuffix('.json')}.tar" for name in scanned}
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         ctx = RunContext(StageProgress(enabled=False), stage.fingerprint({}, {}))
         with WorkerRss() as workers:

@@ -94,7 +94,7 @@ def test_filtered_shards_are_fixed_size_key_ordered_and_readable(reference):
 
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         rows = ray.data.read_webdataset(tars).take_all()
     finally:

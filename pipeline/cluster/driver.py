@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import ray
 
@@ -16,7 +17,9 @@ WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
 
 
 def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> None:
-    """Connects to `address` (or the recipe's), else starts a local Ray in this process.
+    """Connects to `address` (or the recipe's) and says so on stderr, else starts a Ray of this
+    process's own (`address="local"`): a plain `ray.init()` would attach to whatever cluster
+    `/tmp/ray` names, a head the user started or a stale one left by a crash.
 
     Worker output is not echoed unless `worker_logs`: task failures reach the user as one line
     each from the executor, and the full logs stay in Ray's session folder."""
@@ -28,10 +31,12 @@ def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> 
         # Ray 2.60 warns on every local start that it turned token authentication on; it is on,
         # and the warning is noise in every `dalle run`
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
+        ray.init(address="local", num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
         return
     ray.init(address=address, **common)
-    problem = local_output_problem(recipe, sum(1 for n in ray.nodes() if n["Alive"]), address)
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    problem = local_output_problem(recipe, nodes, address)
     if problem:
         ray.shutdown()
         raise InputError(problem)
+    print(f"dalle: attached to the Ray cluster at {address} ({nodes} nodes)", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -60,6 +61,18 @@ class IngestSection(Config):
     """Download retries per URL."""
     max_task_retries: int = Field(2, ge=0, le=100)
     """Times a failed shard task is retried before the stage fails."""
+    max_pixels: int = Field(89_478_485, ge=1, le=178_956_970)
+    """Images whose header declares more pixels are refused before decoding (`too_many_pixels`):
+    decompression bombs. The default is PIL's warning limit; PIL refuses twice it outright."""
+    max_bytes: int = Field(32 << 20, ge=1024)
+    """A download is stopped once it passes this many bytes (`too_many_bytes`); a declared
+    Content-Length above it is refused before the body is read."""
+    allow_private_addresses: bool = False
+    """Fetch from loopback, private, link-local (cloud metadata), multicast and reserved addresses
+    too. Off, those connections are refused (`disallowed_address`), after DNS and on every redirect."""
+    allow_networks: tuple[str, ...] = ()
+    """CIDR networks fetched from although the address check refuses them (e.g. `10.1.0.0/16` for
+    an internal image mirror), without opening every private range."""
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestSection:
@@ -67,6 +80,11 @@ class IngestSection(Config):
             raise ValueError("give either url_lists or synthetic")
         if self.synthetic is not None and self.url_lists:
             raise ValueError("give url_lists or synthetic, not both")
+        for network in self.allow_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"allow_networks: {network!r} is not an IP network (e.g. 10.1.0.0/16)") from None
         return self
 
 

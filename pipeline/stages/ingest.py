@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config.data import IngestSection
+from pipeline.data.fetch_policy import REASONS, AddressPolicy, FetchGuard, PixelLimit, guarded_urllib, scheme_refusal
 from pipeline.data.url_lists import inspect_url_lists, iter_url_list, shard_table
 from pipeline.engine.ledger import Attempt, Ledger, ShardResult
 from pipeline.engine.schemas import RAW_MANIFEST, validate_table
@@ -34,13 +35,19 @@ from pipeline.stages.base import RunContext, Stage
 
 log = logging.getLogger(__name__)
 
-# Ingest failure reasons: every URL-list row is a success or exactly one of these.
-FAILURES = ("http_4xx", "http_5xx", "connection_error", "timeout", "decode_error", "disallowed", "other")
+# Ingest failure reasons: every URL-list row is a success or exactly one of these. The refusals
+# of `fetch_policy` (schemes, addresses, bytes, pixels) come first; `disallowed` is X-Robots-Tag.
+FAILURES = (*REASONS, "http_4xx", "http_5xx", "connection_error", "timeout", "decode_error", "disallowed", "other")
 
 
 def classify_error(message: str | None) -> str:
     """Maps an img2dataset error message to one of FAILURES."""
     m = (message or "").lower()
+    refusal = next((reason for reason in REASONS if reason in m), None)
+    if refusal is not None:
+        return refusal
+    if m.startswith("unknown url type"):  # urllib's word for a URL without a scheme
+        return "disallowed_scheme"
     if m.startswith("http error 4"):
         return "http_4xx"
     if m.startswith("http error 5"):
@@ -117,9 +124,11 @@ def split_list(cfg: IngestSection, task: ListTask, attempt: Attempt) -> ShardRes
         storage.write_parquet(attempt.path(f"{shard_name(shard, task.digits)}.parquet"), table)
         shard += 1
 
+    refused = 0
     for batch in iter_url_list(task.url, cfg.url_col, cfg.caption_col, cfg.extra_cols, task.start, task.stop):
         pending.append(batch)
         rows += batch.num_rows
+        refused += sum(scheme_refusal(url or "") is not None for url in batch["url"].to_pylist())
         buffered = sum(t.num_rows for t in pending)
         while buffered >= cfg.shard_size:
             table = pa.concat_tables(pending)
@@ -127,7 +136,7 @@ def split_list(cfg: IngestSection, task: ListTask, attempt: Attempt) -> ShardRes
             pending, buffered = [table.slice(cfg.shard_size)], buffered - cfg.shard_size
     if sum(t.num_rows for t in pending):
         flush(pa.concat_tables(pending))
-    return ShardResult(samples_in=rows, samples_out=rows)
+    return ShardResult(samples_in=rows, samples_out=rows, counts={"disallowed_scheme": refused})
 
 
 def _downloader(cfg: IngestSection, output_folder: str, columns: list[str], digits: int):
@@ -144,7 +153,7 @@ def _downloader(cfg: IngestSection, output_folder: str, columns: list[str], digi
     )
     return Downloader(
         sample_writer_class=WebDatasetSampleWriter,
-        resizer=resizer,
+        resizer=PixelLimit(resizer, cfg.max_pixels),
         thread_count=cfg.threads,
         save_caption=True,
         extract_exif=True,
@@ -171,6 +180,8 @@ class IngestTask(ShardTask):
     digits: int
     input: str
     """The shard's rows: `_input/<shard>.parquet`."""
+    policy: AddressPolicy = AddressPolicy()
+    """The addresses its downloads may connect to."""
 
 
 def download_shard(cfg: IngestSection, task: IngestTask, attempt: Attempt) -> ShardResult:
@@ -183,7 +194,9 @@ def download_shard(cfg: IngestSection, task: IngestTask, attempt: Attempt) -> Sh
     fs, feather_path = storage.get_fs(feather)
     with fs.open(feather_path, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
         writer.write_table(table)
-    _downloader(cfg, attempt.folder, table.column_names, task.digits).download_shard((task.shard_id, feather))
+    downloader = _downloader(cfg, attempt.folder, table.column_names, task.digits)
+    with guarded_urllib(FetchGuard(task.policy, cfg.max_bytes)):
+        downloader.download_shard((task.shard_id, feather))
     attempt.adopt(f"{name}.tar", f"{name}.parquet", f"{name}_stats.json")
 
     manifest = storage.read_parquet(storage.join(attempt.folder, f"{name}.parquet"))
@@ -237,7 +250,9 @@ class IngestStage(Stage):
         tasks = [t for i, url in enumerate(cfg.url_lists) for t in list_tasks(url, i, rows[i], cfg.shard_size, digits)]
         records = self.run_shards(ctx, tasks, ledger=Ledger(self._input_url()), label="ingest (plan)")
         names = [f.removesuffix(".parquet") for t in tasks for f in sorted(records[t.shard].files)]
+        refused = sum(r.counts.get("disallowed_scheme", 0) for r in records.values())
         info = {"shards": names, "rows": sum(r.samples_in for r in records.values()), "digits": digits}
+        info["refused_schemes"] = refused
         storage.write_json(self._input_url("_plan.json"), info)
         return info
 
@@ -250,7 +265,7 @@ class IngestStage(Stage):
             yield info or self._plan_lists(ctx)
             return
         from pipeline.synthetic.dataset import generate, url_list_rows
-        from pipeline.synthetic.server import LoopbackServer, dead_url
+        from pipeline.synthetic.server import LOOPBACK, LoopbackServer, dead_endpoint, dead_url
 
         dataset = generate(synthetic)
         port = info["port"] if info else synthetic.port
@@ -269,7 +284,8 @@ class IngestStage(Stage):
                 )
                 extra = {"port": server.port, "expect": [r["expect"] for r in rows], "kind": [r["kind"] for r in rows]}
                 info = self._write_input(table, extra)
-            yield info
+            # the synthetic crawl's own loopback hosts, by address and port; the check stays on
+            yield {**info, "endpoints": [[LOOPBACK, info["port"]], [*dead_endpoint()]]}
         finally:
             server.stop()
 
@@ -279,10 +295,20 @@ class IngestStage(Stage):
         return download_shard(self.cfg, task, attempt)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
+        cfg: IngestSection = self.cfg
         with self._source(ctx) as info:
             self.write_plan(len(info["shards"]), rows=info["rows"])
+            if info.get("refused_schemes"):
+                log.warning(
+                    "ingest: %d URL-list rows are not http(s) URLs: refused, not fetched", info["refused_schemes"]
+                )
+            policy = AddressPolicy(
+                allow_private=cfg.allow_private_addresses,
+                allow_networks=cfg.allow_networks,
+                allow_endpoints=tuple((host, port) for host, port in info.get("endpoints", ())),
+            )
             tasks = [
-                IngestTask(name, shard_id=int(name), digits=info["digits"], input=self._input_url(f"{name}.parquet"))
+                IngestTask(name, int(name), info["digits"], self._input_url(f"{name}.parquet"), policy)
                 for name in info["shards"]
             ]
             records = self.run_shards(ctx, tasks, retries=self.cfg.max_task_retries)

@@ -1,7 +1,9 @@
 """A loopback HTTP server for the synthetic dataset, so that ingest downloads it like a web crawl.
 
 It serves fixed bodies from memory, answers `/status/<code>/...` with that status (the crawl's
-HTTP errors), and binds 127.0.0.1 only: nothing here should ever be reachable from outside.
+HTTP errors), `/redirect/<code>?to=URL` with a redirect to URL and `/slow/<seconds>/<path>` with
+`<path>` after a pause (hostile lists), leaves out Content-Length when the query has `nolength`,
+and binds 127.0.0.1 only: nothing here should ever be reachable from outside.
 `dead_url` names a loopback address where nothing listens (the crawl's dead hosts).
 """
 
@@ -14,20 +16,26 @@ import time
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 
 
-def dead_url() -> str:
-    """A base URL on the loopback range where nothing listens: connecting is refused at once.
+def dead_endpoint() -> tuple[str, int]:
+    """A loopback address and port where nothing listens: connecting is refused at once.
 
     127.0.0.2 is loopback on Linux, but servers bound to 127.0.0.1 do not answer there, and port 9
     (discard) has no listener on any ordinary machine.
     """
-    return "http://127.0.0.2:9"
+    return "127.0.0.2", 9
+
+
+def dead_url() -> str:
+    """The base URL of `dead_endpoint` (the crawl's dead hosts)."""
+    host, port = dead_endpoint()
+    return f"http://{host}:{port}"
 
 
 class _Server(ThreadingHTTPServer):
@@ -37,7 +45,9 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
 
-def _handler(files: Mapping[str, tuple[bytes, str]], latency_s: float) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    files: Mapping[str, tuple[bytes, str]], latency_s: float, served: list[str]
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "pipeline-loopback/1"
 
@@ -50,9 +60,18 @@ def _handler(files: Mapping[str, tuple[bytes, str]], latency_s: float) -> type[B
         def _answer(self, head: bool) -> None:
             if latency_s:
                 time.sleep(latency_s)  # a slow host, as crawls meet them
-            path = urlsplit(self.path).path
+            served.append(self.path)
+            parts = urlsplit(self.path)
+            path, headers = parts.path, {}
+            if path.startswith("/slow/"):
+                seconds, _, path = path.removeprefix("/slow/").partition("/")
+                time.sleep(float(seconds))
+                path = "/" + path
             status, body, content_type = 200, b"", "text/plain; charset=utf-8"
-            if path in files:
+            if path.startswith("/redirect/"):
+                status = int(path.split("/")[2])
+                headers["Location"] = parse_qs(parts.query).get("to", ["/"])[0]
+            elif path in files:
                 body, content_type = files[path]
             elif path.startswith("/status/"):
                 code = path.split("/")[2]
@@ -63,7 +82,10 @@ def _handler(files: Mapping[str, tuple[bytes, str]], latency_s: float) -> type[B
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
+                if "nolength" not in parts.query:  # else the body ends when the connection closes
+                    self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if not head:
                     self.wfile.write(body)
@@ -91,6 +113,8 @@ class LoopbackServer:
         if host != LOOPBACK:
             raise ValueError(f"LoopbackServer binds {LOOPBACK} only, not {host!r}")
         self._files, self._host, self._requested_port = files, host, port
+        self.served: list[str] = []
+        """The path of every request answered, in order (tests check what was fetched)."""
         self._server: _Server | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
@@ -112,7 +136,7 @@ class LoopbackServer:
         if self._server is not None:
             raise RuntimeError("LoopbackServer is already started")
         try:
-            server = _Server((self._host, self._requested_port), _handler(self._files, self._latency_s))
+            server = _Server((self._host, self._requested_port), _handler(self._files, self._latency_s, self.served))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
                 busy = f"port {self._requested_port} on {self._host} is already in use"
