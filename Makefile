@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser demo test lint format bench clean
+.PHONY: install browser demo test lint format bench faults clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ browser:
 
 test: install lint browser
 	$(PY) -m pytest -q --durations=25
+
+# the fault matrix (full disk, dead object store, hostile URL list, ...) as a JSON table
+faults: install
+	$(PY) tests/faults.py
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests benchmarks

@@ -25,14 +25,16 @@ when it finds problems.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
 import sys
 
+from pipeline import storage
 from pipeline.config.recipe import load_recipe
-from pipeline.errors import InputError, RunError, UserError
+from pipeline.errors import InputError, RunError, UserError, one_line
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -393,6 +395,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dalle: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        message = _environment_failure(err)
+        if message is None:
+            raise
+        print(f"dalle: {message}; rerun the same command to resume", file=sys.stderr)
+        return 1
+
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _environment_failure(err: Exception) -> str | None:
+    """What a run that the machine stopped (a full disk, an object store that does not answer)
+    tells the user in one line; None for any other error. What was committed stays."""
+    down = storage.unreachable(err)
+    if down is not None:
+        return f"the object store does not answer ({one_line(down, typed=False)})"
+    if isinstance(err, OSError) and err.errno in OUT_OF_SPACE:
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"{os.strerror(err.errno).lower()}{where}: free some space"
+    return None
 
 
 COMMANDS = {

@@ -27,6 +27,24 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
+# Exception names of the object-store clients (botocore, aiohttp, gcsfs) for an endpoint that
+# does not answer; matched by name along the cause chain, so no client library must be imported
+UNREACHABLE = frozenset(
+    {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError"}
+)
+
+
+def unreachable(err: BaseException) -> BaseException | None:
+    """The error in `err`'s cause chain saying that an object store did not answer, or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if any(cls.__name__ in UNREACHABLE for cls in type(err).__mro__):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def is_local(url: str) -> bool:
     fs, _ = get_fs(url)
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import ray
@@ -25,6 +26,10 @@ def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> 
     each from the executor, and the full logs stay in Ray's session folder."""
     if ray.is_initialized():
         return
+    # The executor gets every task's result it waits for and reports each failure in one line;
+    # results left unread are those of a run already stopping (a full disk, Ctrl-C), and Ray would
+    # print each one's traceback as an "unhandled error" on the way out
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = address or recipe.ray.address
     common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
     if not address:

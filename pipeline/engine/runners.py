@@ -12,17 +12,17 @@ from collections.abc import Iterator, Sequence
 import ray
 
 from pipeline.engine.ledger import ShardRecord
-from pipeline.engine.tasks import Placement, ShardTask, ShardWorker, make_shard
+from pipeline.engine.tasks import Placement, ShardTask, ShardWorker, make_shard_retrying
 from pipeline.errors import StageFailed, one_line
 
 Outcome = tuple[str, ShardRecord | str]
 
 
 def _task(
-    worker: ShardWorker, placement: Placement, ledger_root: str, task: ShardTask, fingerprint: str
+    worker: ShardWorker, placement: Placement, ledger_root: str, task: ShardTask, fingerprint: str, retries: int
 ) -> ShardRecord:
     worker.setup(placement)
-    return make_shard(worker, ledger_root, task, fingerprint)
+    return make_shard_retrying(worker, ledger_root, task, fingerprint, retries)
 
 
 def on_tasks(
@@ -33,10 +33,9 @@ def on_tasks(
     retries: int,
     placement: Placement,
 ) -> Iterator[Outcome]:
-    """One Ray task per shard, at most about two per CPU in flight (the driver holds only those)."""
-    remote = ray.remote(_task).options(
-        num_cpus=placement.cpus, num_gpus=placement.gpus, max_retries=retries, retry_exceptions=True
-    )
+    """One Ray task per shard, at most about two per CPU in flight (the driver holds only those).
+    A task retries its shard's errors itself; Ray reruns it when its worker dies."""
+    remote = ray.remote(_task).options(num_cpus=placement.cpus, num_gpus=placement.gpus, max_retries=retries)
     window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1) / placement.cpus))
     worker_ref = ray.put(worker)
     queue = list(reversed(todo))
@@ -44,7 +43,7 @@ def on_tasks(
     while queue or pending:
         while queue and len(pending) < window:
             task = queue.pop()
-            pending[remote.remote(worker_ref, placement, ledger_root, task, fingerprint)] = task
+            pending[remote.remote(worker_ref, placement, ledger_root, task, fingerprint, retries)] = task
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         for ref in ready:
             task = pending.pop(ref)
@@ -65,13 +64,11 @@ class _PoolActor:
         out: dict[str, list] = {"shard": [], "record": [], "error": []}
         for shard, blob in zip(batch["shard"], batch["task"]):
             task, record, error = pickle.loads(blob), "", ""
-            for _ in range(self.retries + 1):
-                try:
-                    made = make_shard(self.worker, self.ledger_root, task, self.fingerprint)
-                    record, error = pickle.dumps(made), ""
-                    break
-                except Exception as err:  # noqa: BLE001 - tried again, then recorded by the driver
-                    error = one_line(err)
+            try:
+                made = make_shard_retrying(self.worker, self.ledger_root, task, self.fingerprint, self.retries)
+                record = pickle.dumps(made)
+            except Exception as err:  # noqa: BLE001 - recorded by the driver
+                error = one_line(err)
             out["shard"].append(str(shard))
             out["record"].append(record)
             out["error"].append(error)

@@ -59,3 +59,18 @@ def make_shard(worker: ShardWorker, ledger_root: str, task: ShardTask, fingerpri
     """One try at a shard: the worker writes it into a fresh attempt, which then commits it."""
     attempt = Attempt(Ledger(ledger_root), task.shard, fingerprint)
     return attempt.commit(worker.process(task, attempt))
+
+
+def make_shard_retrying(
+    worker: ShardWorker, ledger_root: str, task: ShardTask, fingerprint: str, retries: int
+) -> ShardRecord:
+    """Up to 1 + `retries` tries at a shard in this process; the last try's error is raised.
+    Retrying here, not through Ray's `retry_exceptions`, keeps Ray from printing a traceback to
+    the user's terminal for every retried try (the executor reports the failures, one line each)."""
+    for tries_left in range(retries, -1, -1):
+        try:
+            return make_shard(worker, ledger_root, task, fingerprint)
+        except Exception:
+            if not tries_left:
+                raise
+    raise AssertionError("unreachable")

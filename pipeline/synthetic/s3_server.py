@@ -8,10 +8,10 @@ import logging
 from collections.abc import Callable
 
 
-def start_s3_server(on_request: Callable[[str, str], None] | None = None):
-    """A started moto server on a free loopback port; `on_request(method, path)` is called for
-    every HTTP request it answers (from its threads). Returns the server (`get_host_and_port`,
-    `stop`)."""
+def start_s3_server(on_request: Callable[[str, str], None] | None = None, port: int = 0):
+    """A started moto server on a loopback port (0: a free one); `on_request(method, path)` is
+    called for every HTTP request it answers (from its threads). Returns the server
+    (`get_host_and_port`, `stop`)."""
     from moto.server import DomainDispatcherApplication, MotoRequestHandler, ThreadedMotoServer, create_backend_app
     from werkzeug.serving import make_server
 
@@ -30,6 +30,6 @@ def start_s3_server(on_request: Callable[[str, str], None] | None = None):
             self._server_ready_event.set()
             self._server.serve_forever()
 
-    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
+    server = Server(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     return server

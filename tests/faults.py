@@ -1,0 +1,414 @@
+"""The fault matrix: each scenario breaks what a real run meets (a full disk, an object store that
+dies, a hostile or changed URL list, a running or stale local Ray, secrets in the environment),
+shows what the user saw, removes the cause and runs again. Per scenario it reports the samples
+lost, duplicated and half-written against an uninterrupted run.
+
+    python tests/faults.py [--only NAME ...] [--work DIR]     (`make faults`: the table as JSON)
+
+`tests/test_faults.py` runs every scenario and asserts on its row. Nothing here connects to an
+address other than 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import ENV, ROOT, compare_stage, free_port, kill_session, small_recipe  # noqa: E402
+
+from pipeline.commands.validate import validate  # noqa: E402
+
+
+@dataclass
+class Row:
+    scenario: str
+    message: str = ""
+    """What the user saw: the broken run's last line on stderr (its summary line when it succeeded)."""
+    exit_code: int | None = None
+    traceback: bool = False
+    """A traceback reached the user's terminal."""
+    lost: int = 0
+    duplicated: int = 0
+    different: int = 0
+    half_written: int = 0
+    """Committed shards that fail `dalle validate`, after the fault and after the rerun."""
+    rerun_exit_code: int | None = None
+    samples: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def dalle(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=ROOT)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def half_written(stage_dir: str | Path) -> int:
+    """Problems `dalle validate` finds in the committed shards (0 when nothing was committed)."""
+    try:
+        report = validate(str(stage_dir))
+    except Exception:  # noqa: BLE001 - no stage folder yet: nothing half-written either
+        return 0
+    return sum(len(p) for p in report.problems.values())
+
+
+def broken(row: Row, result: subprocess.CompletedProcess) -> None:
+    row.exit_code, row.traceback = result.returncode, "Traceback" in result.stderr + result.stdout
+    row.message = last_line(result.stderr) if result.returncode else last_line(result.stdout)
+
+
+def compared(row: Row, got: str | Path, ref: str | Path) -> None:
+    same = compare_stage(got, ref)
+    row.lost, row.duplicated, row.different, row.samples = (
+        same["missing"],
+        same["duplicate"],
+        same["different"],
+        same["samples"],
+    )
+    row.half_written += half_written(got)
+
+
+class Reference:
+    """The small recipe's ingest, run once uninterrupted on a fixed port: every ingest scenario
+    runs the same recipe (the same URLs) into its own folder and is compared with it."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.port = free_port()
+        self._recipe: Path | None = None
+
+    def recipe(self, path: Path, **top) -> Path:
+        """The small recipe at `path` with `top` (e.g. output_dir) replaced."""
+        small_recipe(path, self.work / "unused", port=self.port, count=100)
+        data = {**yaml.safe_load(path.read_text()), **{k: str(v) for k, v in top.items()}}
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    @property
+    def ingest(self) -> Path:
+        out = self.work / "reference" / "out"
+        if not (out / "ingest" / "_done.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            recipe = self.recipe(self.work / "reference" / "recipe.yaml", output_dir=out)
+            result = dalle("run", recipe, "--until", "ingest", "--no-progress")
+            if result.returncode:
+                raise RuntimeError(f"the reference run failed: {result.stderr[-2000:]}")
+        return out / "ingest"
+
+
+def disk_full(work: Path, ref: Reference) -> Row:
+    """A 1 MB tmpfs as output_dir fills during ingest's commits; then it grows to 64 MB and the
+    same command runs again."""
+    row = Row("disk_full")
+    mount = work / "tmpfs"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        row.skipped = f"cannot mount a tmpfs here: {made.stderr.decode().strip()}"
+        return row
+    try:
+        recipe = ref.recipe(work / "recipe.yaml", output_dir=mount / "out")
+        broken(row, dalle("run", recipe, "--until", "ingest", "--no-progress"))
+        row.half_written = half_written(mount / "out" / "ingest")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        row.rerun_exit_code = dalle("run", recipe, "--until", "ingest", "--no-progress").returncode
+        compared(row, mount / "out" / "ingest", ref.ingest)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    return row
+
+
+def object_store_killed(work: Path, ref: Reference) -> Row:
+    """moto (S3) stops answering once ingest has committed its first shard; it is started again
+    on the same port (empty: moto keeps nothing) and the same command runs again."""
+    import boto3
+    import s3fs
+
+    from pipeline.synthetic.s3_server import start_s3_server
+
+    row = Row("object_store_killed")
+    committed = threading.Event()
+
+    def on_request(method: str, path: str) -> None:
+        if method == "PUT" and "/ingest/_ledger/" in path and not committed.is_set():
+            committed.set()
+            threading.Thread(target=server.stop, daemon=True).start()
+
+    server = start_s3_server(on_request)
+    host, port = server.get_host_and_port()
+    env = {
+        **ENV,
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "2",  # botocore's retries of a dead endpoint, so the scenario ends sooner
+    }
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        env.pop(name, None)
+    saved = {k: os.environ.get(k) for k in env if k.startswith("AWS_")}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        boto3.client("s3").create_bucket(Bucket="faults")
+        recipe = ref.recipe(work / "recipe.yaml", output_dir="s3://faults/run")
+        started = time.monotonic()
+        broken(row, dalle("run", recipe, "--until", "ingest", "--no-progress", env=env))
+        row.extra["seconds_to_fail"] = round(time.monotonic() - started, 1)
+        row.extra["killed_after_first_commit"] = committed.is_set()
+        server = start_s3_server(port=port)
+        s3fs.S3FileSystem.clear_instance_cache()
+        boto3.client("s3").create_bucket(Bucket="faults")
+        row.rerun_exit_code = dalle("run", recipe, "--until", "ingest", "--no-progress", env=env).returncode
+        s3fs.S3FileSystem.clear_instance_cache()
+        compared(row, "s3://faults/run/ingest", ref.ingest)
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        s3fs.S3FileSystem.clear_instance_cache()
+    return row
+
+
+def _url_list_recipe(work: Path, lists: list[Path], **ingest) -> Path:
+    data = {
+        "name": "faults",
+        "output_dir": str(work / "out"),
+        "ray": {"num_cpus": 2},
+        "ingest": {"url_lists": [str(p) for p in lists], "image_size": 64, "shard_size": 10, **ingest},
+    }
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def url_list_changed(work: Path, ref: Reference) -> Row:
+    """A URL list loses a row between two runs; then it is put back and the run resumes."""
+    from pipeline.config.data import SyntheticConfig
+    from pipeline.synthetic.dataset import generate, url_list_rows
+    from pipeline.synthetic.server import LoopbackServer, dead_url
+
+    row = Row("url_list_changed")
+    dataset = generate(SyntheticConfig(count=40, seed=5))
+    with LoopbackServer(dataset.files) as server:
+        rows = [{"url": r["url"], "caption": r["caption"]} for r in url_list_rows(dataset, server.url, dead_url())]
+        listed = work / "list.csv"
+        pacsv.write_csv(pa.Table.from_pylist(rows), listed)
+        recipe = _url_list_recipe(work, [listed], allow_networks=["127.0.0.0/8"])
+        first = dalle("run", recipe, "--until", "ingest", "--no-progress")
+        if first.returncode:
+            raise RuntimeError(f"the first run failed: {first.stderr[-2000:]}")
+        shutil.copytree(work / "out" / "ingest", work / "uninterrupted")
+        pacsv.write_csv(pa.Table.from_pylist(rows[:-1]), listed)
+        broken(row, dalle("run", recipe, "--until", "ingest", "--no-progress"))
+        pacsv.write_csv(pa.Table.from_pylist(rows), listed)
+        row.rerun_exit_code = dalle("run", recipe, "--until", "ingest", "--no-progress").returncode
+    compared(row, work / "out" / "ingest", work / "uninterrupted")
+    return row
+
+
+def hostile_url_list(work: Path, ref: Reference) -> Row:
+    """Local files, other schemes, decompression bombs, redirects to refused addresses, HTML pages,
+    404s, oversized bodies and a host slower than the timeout, among good images, in one list."""
+    from pipeline.config.data import SyntheticConfig
+    from pipeline.stages.ingest import FAILURES
+    from pipeline.synthetic.dataset import generate
+    from pipeline.synthetic.hostile import hostile_rows
+    from pipeline.synthetic.server import LoopbackServer
+
+    row = Row("hostile_url_list")
+    secret = work / "secret.jpg"
+    secret.write_bytes(b"\xff\xd8 not for the dataset")
+    dataset = generate(SyntheticConfig(count=30, seed=6, defect_fraction=0.0))
+    timeout_s, max_bytes = 1.0, 300_000
+    extra, hostile = hostile_rows(str(secret), max_bytes, timeout_s)
+    with LoopbackServer({**dataset.files, **extra}) as server:
+        good = [{"url": server.url + r["path"], "caption": r["caption"], "expect": "success"} for r in dataset.rows]
+        bad = [
+            {
+                "url": r.path_or_url if ":" in r.path_or_url.split("/")[0] else server.url + r.path_or_url,
+                "caption": f"hostile row {i}",
+                "expect": r.expect,
+            }
+            for i, r in enumerate(hostile)
+        ]
+        rows = [x for pair in zip(bad, good) for x in pair] + good[len(bad) :]  # bombs in every shard
+        listed = work / "list.parquet"
+        pq.write_table(pa.Table.from_pylist([{"url": r["url"], "caption": r["caption"]} for r in rows]), listed)
+        recipe = _url_list_recipe(
+            work, [listed], allow_networks=["127.0.0.1/32"], timeout_s=timeout_s, max_bytes=max_bytes, threads=8
+        )
+        broken(row, dalle("run", recipe, "--until", "ingest", "--no-progress"))
+        row.rerun_exit_code = dalle("run", recipe, "--until", "ingest", "--no-progress").returncode
+        fetched = list(server.served)
+    done = json.loads((work / "out" / "ingest" / "_done.json").read_text())
+    want = {reason: sum(r["expect"] == reason for r in rows) for reason in FAILURES}
+    row.extra = {
+        "counts": {k: v for k, v in done["counts"].items() if v},
+        "expected": {k: v for k, v in want.items() if v},
+        "rows": len(rows),
+        "good": len(good),
+        "server_saw_secret": any(secret.name in p for p in fetched),
+    }
+    manifests = [m for p in sorted((work / "out" / "ingest").glob("*.parquet")) for m in pq.read_table(p).to_pylist()]
+    kept = {m["url"] for m in manifests if m["status"] == "success"}
+    row.lost = sum(r["url"] not in kept for r in good)
+    row.samples = done["samples_out"]
+    row.duplicated = len(manifests) - len({m["key"] for m in manifests})
+    row.half_written = half_written(work / "out" / "ingest")
+    return row
+
+
+class _Head:
+    """`ray start --head` on Ray's default temp dir (/tmp/ray), as a user starts one."""
+
+    def __init__(self, work: Path):
+        token = work / "auth_token"
+        token.write_text(secrets.token_hex(16))
+        env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+        ports = [f"--port={free_port()}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
+        cmd += [*ports, "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=1"]
+        self.log = open(work / "ray-head.log", "w")  # noqa: SIM115 - lives as long as the head
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=self.log, start_new_session=True)
+        self.address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+    def wait_up(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited; see {self.log.name}")
+            if self.address_file.exists() and "GCS" not in self.address_file.read_text():
+                time.sleep(2)  # the raylet and dashboard come up after the address is written
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the Ray head did not come up; see {self.log.name}")
+
+    def kill(self) -> None:
+        kill_session(self.proc, rounds=50)
+        self.log.close()
+
+
+def ray_head_running_then_stale(work: Path, ref: Reference) -> Row:
+    """`dalle run` while a `ray start --head` runs on the machine, then after it was SIGKILLed
+    (its /tmp/ray files left stale): both start a Ray of their own."""
+    row = Row("ray_head_running_then_stale")
+    head = _Head(work)
+    try:
+        head.wait_up()
+        running = dalle("run", ref.recipe(work / "a.yaml", output_dir=work / "a"), "--until", "ingest", "--no-progress")
+    finally:
+        head.kill()
+    stale = dalle("run", ref.recipe(work / "b.yaml", output_dir=work / "b"), "--until", "ingest", "--no-progress")
+    broken(row, running if running.returncode else stale)
+    row.rerun_exit_code = stale.returncode
+    row.extra = {"running_head_exit_code": running.returncode, "attached": "attached" in running.stderr + stale.stderr}
+    compared(row, work / "a" / "ingest", ref.ingest)
+    second = compare_stage(work / "b" / "ingest", ref.ingest)
+    row.lost += second["missing"]
+    row.duplicated += second["duplicate"]
+    row.different += second["different"]
+    row.half_written += half_written(work / "b" / "ingest")
+    return row
+
+
+SECRETS = ("AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "RAY_AUTH_TOKEN")
+
+
+def files_holding(root: Path, markers: list[bytes]) -> list[str]:
+    """Every file under `root` whose bytes hold one of `markers`."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if any(m in data for m in markers):
+                found.append(str(path))
+    return found
+
+
+def secrets_in_files(work: Path, ref: Reference) -> Row:
+    """A run with AWS_SECRET_ACCESS_KEY, WANDB_API_KEY and RAY_AUTH_TOKEN set to marker values,
+    W&B on (offline): no file it wrote, and no log of its Ray session, holds a marker."""
+    row = Row("secrets_in_files")
+    markers = {name: f"marker{secrets.token_hex(12)}" for name in SECRETS}
+    env = {**ENV, **markers}
+    recipe = ref.recipe(work / "recipe.yaml", output_dir=work / "out", wandb_project="faults")
+    result = dalle("run", recipe, "--until", "filter", "--no-progress", env=env)
+    broken(row, result)
+    session = Path(tempfile.gettempdir()) / "ray" / "session_latest"
+    found = files_holding(work / "out", [m.encode() for m in markers.values()])
+    logs = files_holding(session.resolve() / "logs", [m.encode() for m in markers.values()]) if session.exists() else []
+    row.extra = {"files_with_a_secret": found, "ray_logs_with_a_secret": logs, "wandb_runs": _wandb_runs(work / "out")}
+    row.rerun_exit_code = result.returncode
+    compared(row, work / "out" / "ingest", ref.ingest)
+    return row
+
+
+def _wandb_runs(out: Path) -> int:
+    return sum(1 for _ in out.rglob("offline-run-*"))
+
+
+SCENARIOS: dict[str, Callable[[Path, Reference], Row]] = {
+    "disk_full": disk_full,
+    "object_store_killed": object_store_killed,
+    "url_list_changed": url_list_changed,
+    "hostile_url_list": hostile_url_list,
+    "ray_head_running_then_stale": ray_head_running_then_stale,
+    "secrets_in_files": secrets_in_files,
+}
+
+
+def run_scenario(name: str, work: Path, ref: Reference) -> Row:
+    folder = work / name
+    folder.mkdir(parents=True)
+    started = time.monotonic()
+    row = SCENARIOS[name](folder, ref)
+    row.seconds = round(time.monotonic() - started, 1)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
+    parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="dalle-faults-"))
+    ref = Reference(work)
+    rows = [asdict(run_scenario(name, work, ref)) for name in args.only or SCENARIOS]
+    print(json.dumps({"work": str(work), "scenarios": rows}, indent=2))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
