@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import dalle
 
 from pipeline.cluster.client import check_recipe_fits, dashboard_address, find_token, gpu_demand
 from pipeline.cluster.jobs import entrypoint, job_recipe, runtime_env
@@ -97,3 +98,17 @@ def test_the_job_gets_the_recipe_with_overrides_and_absolute_paths(tmp_path):
     assert env["py_modules"] == [str(ROOT / "pipeline")] and env["working_dir"] == str(tmp_path)
     with pytest.raises(ClusterError, match="--env NO_ALBUMENTATIONS_UPDATE: dalle sets that variable itself"):
         runtime_env(str(tmp_path), {"NO_ALBUMENTATIONS_UPDATE": "0"})
+
+
+@pytest.mark.parametrize(
+    "name", ["AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "RAY_AUTH_TOKEN", "HF_TOKEN", "db_password"]
+)
+def test_a_secret_is_refused_in_the_jobs_runtime_env(tmp_path, name):
+    with pytest.raises(ClusterError, match=f"--env {name}: a secret is not sent in a job's runtime_env"):
+        runtime_env(str(tmp_path), {"WANDB_MODE": "offline", name: "marker"})
+
+
+def test_submit_refuses_a_secret_in_env_before_connecting(tmp_path):
+    result = dalle("submit", "jobs/demo.yaml", "--address", "http://127.0.0.1:9", "--env", "WANDB_API_KEY=marker")
+    assert result.returncode == 2 and "--env WANDB_API_KEY: a secret is not sent" in result.stderr
+    assert "marker" not in result.stderr + result.stdout

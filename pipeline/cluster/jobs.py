@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import secrets
 import sys
 import tempfile
@@ -64,12 +65,28 @@ def entrypoint(force: list[str], until: str | None) -> str:
     return " ".join(["python -m pipeline.cli run", RECIPE_FILE, "--no-progress -v", *args])
 
 
-def runtime_env(folder: str, env: dict[str, str]) -> dict[str, Any]:
-    """The job's runtime_env. The driver adds WORKER_ENV itself in `ray.init`, and Ray refuses
-    to merge a job's and a driver's env var of the same name, so those stay out of it."""
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
+"""Environment variable names taken for secrets (`AWS_SECRET_ACCESS_KEY`, `WANDB_API_KEY`, ...)."""
+
+
+def check_job_env(env: dict[str, str]) -> None:
+    """Refuses `--env` names that dalle sets itself, and secrets."""
     clash = sorted(env.keys() & WORKER_ENV.keys())
     if clash:
         raise ClusterError(f"--env {clash[0]}: dalle sets that variable itself")
+    secret = sorted(name for name in env if SECRET_NAME.search(name))
+    if secret:
+        raise ClusterError(
+            f"--env {secret[0]}: a secret is not sent in a job's runtime_env, which the dashboard and "
+            "`ray job` show to anyone who can reach the cluster; give it to the nodes' environment "
+            "(a Kubernetes Secret, docker run_options: cluster/README.md)"
+        )
+
+
+def runtime_env(folder: str, env: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime_env. The driver adds WORKER_ENV itself in `ray.init`, and Ray refuses
+    to merge a job's and a driver's env var of the same name, so those stay out of it."""
+    check_job_env(env)
     return {
         "working_dir": folder,
         "py_modules": [str(Path(pipeline.__file__).parent)],
@@ -89,6 +106,7 @@ def submit(
     check_resources: bool = True,
 ) -> str:
     """Submits the recipe as a job after checking that it can run there; returns the submission id."""
+    check_job_env(env or {})
     data = job_recipe(recipe_path, list(overrides), str(Path.cwd()))
     recipe = build_recipe(data, recipe_path)
     client = connect(address)
