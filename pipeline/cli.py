@@ -3,7 +3,7 @@
     dalle run RECIPE [key=value ...] [--force STAGE] [--until STAGE] [--address ADDR]
     dalle status RECIPE [key=value ...] [--json | --watch]
     dalle dashboard RECIPE [key=value ...] [--port 8266] [--address RAY_DASHBOARD_URL]
-    dalle validate STAGE_DIR [--json]
+    dalle validate STAGE_DIR [--json] [--drop-damaged]
     dalle export CKPT OUT [--weights ema|model]
     dalle plan RECIPE [key=value ...] --gpus N --gpu-mem GB [--gpus-per-node 8] [--host-mem GB] [--net-gbps 400]
                [--gpu-tflops 312] [--mfu 0.45] [--json]
@@ -66,6 +66,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     validate = sub.add_parser("validate", help="check a stage's shards (ingest, filter, encode) against schemas/")
     validate.add_argument("path", help="a stage folder, e.g. runs/demo/encode")
     validate.add_argument("--json", action="store_true", help="print JSON")
+    validate.add_argument(
+        "--drop-damaged",
+        action="store_true",
+        help="take the damaged shards out of the ledger, so that the next `dalle run` makes them again",
+    )
 
     export = sub.add_parser("export", help="consolidated model weights from a training checkpoint")
     export.add_argument("checkpoint", help="a checkpoint_* folder, or a train stage folder (its newest checkpoint)")
@@ -233,11 +238,15 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.commands.validate import validate
+    from pipeline.commands.validate import drop_damaged, validate
 
     report = validate(args.path)
     print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines(args.path)))
-    return 0 if report.ok else 1
+    if not args.drop_damaged or report.ok:
+        return 0 if report.ok else 1
+    dropped = drop_damaged(args.path, report)
+    print(f"dropped {len(dropped)} damaged shards ({', '.join(dropped)}): rerun `dalle run` to make them again")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -223,6 +223,13 @@ def local_staging(url: str) -> Iterator[str]:
         upload_folder(tmp, url)
 
 
+def remove(url: str) -> None:
+    """Deletes one file; a missing one is not an error."""
+    fs, path = get_fs(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
 def remove_tree(url: str) -> None:
     fs, path = get_fs(url)
     if fs.exists(path):

@@ -1,11 +1,12 @@
 """Shared fixtures: one run of the small recipe through encode, reused by every module that
-tests a stage downstream of it (the model stages, the train stage)."""
+tests a stage downstream of it (the model stages, the train stage, the fault matrix), and one
+uninterrupted training on it."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
-from helpers import TINY, free_port, merge_dicts, run_until, small_recipe
+from helpers import TINY, UPSTREAM, free_port, merge_dicts, recipe_at, run_until, small_recipe
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,12 @@ def run(tmp_path_factory):
     recipe.write_text(yaml.safe_dump(data))
     run_until(recipe, "encode")
     return tmp / "out", recipe
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, run):
+    """An uninterrupted ZeRO-2 training of 40 updates on `run` (2 workers x 8 samples, checkpoints
+    every 10): what the resume tests and the fault matrix compare with."""
+    recipe, out = recipe_at(tmp_path_factory.mktemp("train-ref"), run, UPSTREAM)
+    run_until(recipe, "train")
+    return out

@@ -1,5 +1,6 @@
 """The fault matrix: each scenario breaks what a real run meets (a full disk, an object store that
-dies, a hostile or changed URL list, a running or stale local Ray, secrets in the environment),
+dies, a SIGKILL during a checkpoint save, damaged encoded shards fed to training, a hostile or
+changed URL list, a running or stale local Ray, secrets in the environment),
 shows what the user saw, removes the cause and runs again. Per scenario it reports the samples
 lost, duplicated and half-written against an uninterrupted run.
 
@@ -31,7 +32,22 @@ import pyarrow.parquet as pq
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import ENV, ROOT, compare_stage, free_port, kill_session, small_recipe  # noqa: E402
+from helpers import (  # noqa: E402
+    ENV,
+    ROOT,
+    TINY,
+    UPSTREAM,
+    compare_keys,
+    compare_stage,
+    free_port,
+    kill_run_when,
+    kill_session,
+    merge_dicts,
+    recipe_at,
+    small_recipe,
+    train_sample_keys,
+    train_step,
+)
 
 from pipeline.commands.validate import validate  # noqa: E402
 
@@ -92,13 +108,41 @@ def compared(row: Row, got: str | Path, ref: str | Path) -> None:
 
 
 class Reference:
-    """The small recipe's ingest, run once uninterrupted on a fixed port: every ingest scenario
-    runs the same recipe (the same URLs) into its own folder and is compared with it."""
+    """The uninterrupted runs the scenarios are compared with, each made once when first asked
+    for: the small recipe's ingest on a fixed port (every ingest scenario runs the same recipe, so
+    the same URLs, into its own folder), its run through encode at test size, and its training.
+    The tests hand in the encoded and trained runs their other modules share."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, encoded: tuple[Path, Path] | None = None, trained: Path | None = None):
         self.work = work
         self.port = free_port()
-        self._recipe: Path | None = None
+        self._encoded, self._trained = encoded, trained
+
+    def use(self, encoded: tuple[Path, Path], trained: Path) -> None:
+        """Takes runs made elsewhere (the tests' shared fixtures) as the references."""
+        self._encoded, self._trained = encoded, trained
+
+    @property
+    def encoded(self) -> tuple[Path, Path]:
+        """(output dir, recipe) of the test-size run through encode."""
+        if self._encoded is None:
+            folder = self.work / "encoded"
+            folder.mkdir(parents=True, exist_ok=True)
+            recipe = small_recipe(folder / "recipe.yaml", folder / "out", port=free_port())
+            recipe.write_text(yaml.safe_dump(merge_dicts(yaml.safe_load(recipe.read_text()), TINY)))
+            _must(dalle("run", recipe, "--until", "encode", "--no-progress"), "the reference run through encode")
+            self._encoded = (folder / "out", recipe)
+        return self._encoded
+
+    @property
+    def trained(self) -> Path:
+        """The output dir of an uninterrupted training on the encoded run."""
+        if self._trained is None:
+            (self.work / "trained").mkdir(parents=True, exist_ok=True)
+            recipe, out = recipe_at(self.work / "trained", self.encoded, UPSTREAM)
+            _must(dalle("run", recipe, "--until", "train", "--no-progress"), "the reference training")
+            self._trained = out
+        return self._trained
 
     def recipe(self, path: Path, **top) -> Path:
         """The small recipe at `path` with `top` (e.g. output_dir) replaced."""
@@ -113,10 +157,88 @@ class Reference:
         if not (out / "ingest" / "_done.json").exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             recipe = self.recipe(self.work / "reference" / "recipe.yaml", output_dir=out)
-            result = dalle("run", recipe, "--until", "ingest", "--no-progress")
-            if result.returncode:
-                raise RuntimeError(f"the reference run failed: {result.stderr[-2000:]}")
+            _must(dalle("run", recipe, "--until", "ingest", "--no-progress"), "the reference ingest")
         return out / "ingest"
+
+
+def _must(result: subprocess.CompletedProcess, what: str) -> None:
+    if result.returncode:
+        raise RuntimeError(f"{what} failed: {result.stderr[-2000:]}")
+
+
+def _losses(out: Path) -> dict[int, float]:
+    from pipeline.observe.tracking import read_metrics
+
+    return {m["step"]: m["loss"] for m in read_metrics(str(out / "train" / "metrics.jsonl")) if "loss" in m}
+
+
+def _same_training(row: Row, out: Path, ref: Path) -> None:
+    """Samples lost and duplicated against the reference training, per (rank, step); losses that
+    differ by more than rel 1e-4 count as different."""
+    keys = compare_keys(train_sample_keys(out), train_sample_keys(ref))
+    row.lost += keys["missing"]
+    row.duplicated += keys["duplicate"]
+    got, want = _losses(out), _losses(ref)
+    row.different += sum(abs(got.get(step, float("inf")) - loss) > 1e-4 * abs(loss) for step, loss in want.items())
+    row.samples += sum(len(step) for steps in train_sample_keys(out).values() for step in steps)
+
+
+def checkpoint_sigkill(work: Path, ref: Reference) -> Row:
+    """Every process of a training run is SIGKILLed the moment its second checkpoint's folder
+    appears (the save under way); the same command then runs again."""
+    from pipeline.train import checkpoint
+
+    row = Row("checkpoint_sigkill")
+    reference = ref.trained
+    recipe, out = recipe_at(work, ref.encoded, UPSTREAM)
+    newest = out / "train" / "_train" / "run" / "checkpoint_00000020"
+    kill_run_when(["run", str(recipe), "--until", "train", "--no-progress"], newest.exists, timeout=400)
+    row.extra["newest_half_written"] = checkpoint.problem(str(newest)) is not None
+    row.extra["step_at_kill"] = train_step(out / "train" / "_train" / "progress.json")
+    rerun = dalle("run", recipe, "--until", "train", "--no-progress")
+    broken(row, rerun)
+    row.rerun_exit_code = rerun.returncode
+    notice = [ln for ln in rerun.stderr.splitlines() if "checkpoint_00000020" in ln]
+    row.message = notice[0] if notice else row.message  # what the rerun told the user
+    kept = checkpoint.checkpoints(str(newest.parent))
+    row.half_written = sum(checkpoint.problem(str(newest.parent / name)) is not None for name in kept)
+    _same_training(row, out, reference)
+    return row
+
+
+def _damage(encode: Path) -> dict[str, str]:
+    """Truncates the first tar to half its size and overwrites the header of the middle member of
+    the third with random bytes (bit rot); returns what was done to which shard."""
+    import random
+    import tarfile
+
+    tars = sorted(encode.glob("*.tar"))
+    first, third = tars[0], tars[2]
+    os.truncate(first, first.stat().st_size // 2)
+    with tarfile.open(third) as tar:
+        members = tar.getmembers()
+    offset = members[len(members) // 2].offset
+    data = bytearray(third.read_bytes())
+    data[offset : offset + 512] = random.Random(0).randbytes(512)
+    third.write_bytes(bytes(data))
+    return {first.stem: "truncated", third.stem: "corrupted"}
+
+
+def damaged_encoded_shards(work: Path, ref: Reference) -> Row:
+    """A truncated and a corrupted encoded shard fed to training; `dalle validate --drop-damaged`
+    takes them out of the ledger and the rerun encodes them again, then trains."""
+    row = Row("damaged_encoded_shards")
+    reference = ref.trained
+    recipe, out = recipe_at(work, ref.encoded, UPSTREAM)
+    row.extra["damaged"] = _damage(out / "encode")
+    broken(row, dalle("run", recipe, "--until", "train", "--no-progress"))
+    drop = dalle("validate", out / "encode", "--drop-damaged")
+    row.extra["validate"] = last_line(drop.stdout)
+    row.extra["validate_exit_code"] = drop.returncode
+    row.rerun_exit_code = dalle("run", recipe, "--until", "train", "--no-progress").returncode
+    compared(row, out / "encode", ref.encoded[0] / "encode")
+    _same_training(row, out, reference)
+    return row
 
 
 def disk_full(work: Path, ref: Reference) -> Row:
@@ -385,6 +507,8 @@ SCENARIOS: dict[str, Callable[[Path, Reference], Row]] = {
     "hostile_url_list": hostile_url_list,
     "ray_head_running_then_stale": ray_head_running_then_stale,
     "secrets_in_files": secrets_in_files,
+    "checkpoint_sigkill": checkpoint_sigkill,
+    "damaged_encoded_shards": damaged_encoded_shards,
 }
 
 

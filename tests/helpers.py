@@ -198,6 +198,10 @@ TINY = {
 }
 
 
+UPSTREAM = ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"]
+"""The stages before training, which the training tests copy from the shared run."""
+
+
 def merge_dicts(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         base[key] = merge_dicts(base.get(key, {}), value) if isinstance(value, dict) else value

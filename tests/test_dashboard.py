@@ -23,7 +23,7 @@ import fsspec
 import numpy as np
 import pytest
 import yaml
-from helpers import ENV, ROOT, _session_pids, kill_session, recipe_at, small_recipe, train_step
+from helpers import ENV, ROOT, UPSTREAM, _session_pids, kill_session, recipe_at, small_recipe, train_step
 from PIL import Image
 from test_report import _Page, _shown
 from test_report import _screenshot as screenshot
@@ -33,7 +33,6 @@ from pipeline.config.recipe import load_recipe
 from pipeline.engine.ledger import Ledger
 from pipeline.views import dashboard
 
-UPSTREAM = ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"]
 REFRESH = "<meta http-equiv='refresh' content='5'>"
 # the state cells' backgrounds in dashboard.STYLE
 PARTIAL, COMPLETE = (255, 230, 153), (198, 239, 206)

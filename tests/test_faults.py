@@ -22,7 +22,14 @@ MESSAGES = {
     "hostile_url_list": (0, r"^ingest: 45 in, 30 out \(.*too_many_pixels 2\)"),
     "ray_head_running_then_stale": (0, r"^ingest: \d+ in, \d+ out"),
     "secrets_in_files": (0, r"^filter: \d+ in, \d+ out"),
+    "checkpoint_sigkill": (0, r"WARNING .*skipping incomplete checkpoint .*checkpoint_00000020"),
+    "damaged_encoded_shards": (
+        1,
+        r"^dalle: stage 'train': training failed: rank \d: ShardError: .*encode/0000[02]\.tar: .*"
+        r"`dalle validate .*encode --drop-damaged`, then rerun",
+    ),
 }
+TRAINING = {"checkpoint_sigkill", "damaged_encoded_shards"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,9 @@ def test_every_scenario_has_its_expected_message():
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_fault(name, tmp_path, reference):
+def test_fault(name, tmp_path, reference, request):
+    if name in TRAINING:  # the runs the train-stage tests share, made once per session
+        reference.use(encoded=request.getfixturevalue("run"), trained=request.getfixturevalue("trained"))
     row = run_scenario(name, tmp_path, reference)
     if row.skipped:
         pytest.skip(row.skipped)
@@ -53,6 +62,10 @@ def test_fault(name, tmp_path, reference):
         assert row.extra["killed_after_first_commit"]
     if name == "ray_head_running_then_stale":
         assert row.extra["running_head_exit_code"] == 0 and not row.extra["attached"]
+    if name == "checkpoint_sigkill":
+        assert row.extra["step_at_kill"] < 30, row  # killed during the save of checkpoint 20
+    if name == "damaged_encoded_shards":
+        assert row.extra["validate"].startswith("dropped 2 damaged shards") and row.extra["validate_exit_code"] == 0
     if name == "secrets_in_files":
         assert row.extra["files_with_a_secret"] == [] and row.extra["ray_logs_with_a_secret"] == []
         assert row.extra["wandb_runs"] > 0  # W&B wrote its offline files, and none holds a secret

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
+    UPSTREAM,
     compare_keys,
     dalle,
     kill_run_when,
@@ -39,8 +40,6 @@ from pipeline.train.trainer import _prepare_resume
 
 pytestmark = pytest.mark.slow
 
-UPSTREAM = ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"]
-
 
 def _train_recipe(tmp_path, run, transformer=None, **train):
     recipe, out = recipe_at(tmp_path, run, UPSTREAM)
@@ -56,11 +55,9 @@ def _losses(out) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, run):
-    """An uninterrupted ZeRO-2 run of 40 updates (2 workers x 8 samples, checkpoints every 10)."""
-    recipe, out = _train_recipe(tmp_path_factory.mktemp("train-ref"), run)
-    run_until(recipe, "train")
-    return out
+def reference(trained):
+    """The shared uninterrupted ZeRO-2 run of 40 updates (conftest's `trained`)."""
+    return trained
 
 
 def test_zero2_training_lowers_the_loss_and_reports_its_throughput(reference):

@@ -1,4 +1,5 @@
-"""`dalle validate PATH`: checks a stage's shard set (ingest, filter or encode) against `schemas/`.
+"""`dalle validate PATH [--drop-damaged]`: checks a stage's shard set (ingest, filter or encode)
+against `schemas/`; `--drop-damaged` takes the damaged shards out of the ledger for a rerun to redo.
 
 Per committed shard: the files the ledger names exist and still have its checksum; the tar is
 whole (end-of-archive marker) and readable; every sample has exactly the members of its stage,
@@ -158,3 +159,12 @@ def validate(path: str) -> Report:
     if storage.exists(storage.join(url, "_done.json")) and plan.get("shards") not in (None, len(records)):
         report.add("-", f"the stage is marked done with {len(records)} shards, its plan has {plan['shards']}")
     return report
+
+
+def drop_damaged(path: str, report: Report) -> list[str]:
+    """Takes the shards with problems out of the stage's ledger (and deletes their files), so that
+    the next `dalle run` makes them again; returns their names."""
+    damaged = sorted(shard for shard in report.problems if shard != "-")
+    if damaged:
+        Ledger(storage.absolute(path)).forget(damaged)
+    return damaged

@@ -65,6 +65,11 @@ def split_holdout(spans: list[ShardSpan], holdout: int) -> tuple[list[ShardSpan]
     return train, held
 
 
+def _redo_hint(url: str) -> str:
+    stage = url.rsplit("/", 1)[0]
+    return f"; `dalle validate {stage} --drop-damaged`, then rerun to make the damaged shards again"
+
+
 def read_span(span: ShardSpan) -> list[Sample]:
     """The span's samples; raises ShardError if the shard is unreadable or holds fewer."""
     samples: list[Sample] = []
@@ -75,9 +80,12 @@ def read_span(span: ShardSpan) -> list[Sample]:
             if len(samples) == end:
                 break
     except Exception as err:  # a truncated or unreadable tar: refuse loudly
-        raise ShardError(f"{span.url}: cannot read shard: {err}") from None
+        detail = str(err).removeprefix(f"{span.url}: ")
+        raise ShardError(f"{span.url}: cannot read shard: {detail}{_redo_hint(span.url)}") from None
     if len(samples) < end:
-        raise ShardError(f"{span.url}: holds {len(samples)} samples, its ledger says at least {end}")
+        raise ShardError(
+            f"{span.url}: holds {len(samples)} samples, its ledger says at least {end}{_redo_hint(span.url)}"
+        )
     return samples[span.start :]
 
 

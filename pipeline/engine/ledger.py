@@ -201,9 +201,19 @@ class Ledger:
         d["files"] = list(d["files"])
         validate_record(d, LEDGER_RECORD, f"ledger record {record.shard}")
         storage.write_json(self.path("_ledger", f"{record.shard}.json"), d)
-        failure = self.path("_failures", f"{record.shard}.json")
-        if storage.exists(failure):
-            storage.get_fs(failure)[0].rm(storage.get_fs(failure)[1])
+        storage.remove(self.path("_failures", f"{record.shard}.json"))
+
+    def forget(self, shards: list[str]) -> None:
+        """Takes `shards` out of the ledger (a damaged shard, to be made again by the next run),
+        in an order a crash cannot turn into a wrong state: the stage's `_done.json` and the
+        summary go first, then each record (the uncommit), then the shard's files."""
+        storage.remove(self.path("_done.json"))
+        storage.remove(self.path("_ledger", SUMMARY))
+        for shard in shards:
+            record = self.record(shard)
+            storage.remove(self.path("_ledger", f"{shard}.json"))
+            for name in record.files if record else ():
+                storage.remove(self.path(name))
 
     def record_failure(self, shard: str, error: str) -> None:
         storage.write_json(self.path("_failures", f"{shard}.json"), {"shard": shard, "error": error, "at": time.time()})
