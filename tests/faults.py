@@ -13,10 +13,12 @@ address other than 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,10 +42,10 @@ from helpers import (  # noqa: E402
     compare_keys,
     compare_stage,
     free_port,
-    kill_run_when,
     kill_session,
     merge_dicts,
     recipe_at,
+    session_pids,
     small_recipe,
     train_sample_keys,
     train_step,
@@ -192,7 +194,7 @@ def checkpoint_sigkill(work: Path, ref: Reference) -> Row:
     reference = ref.trained
     recipe, out = recipe_at(work, ref.encoded, UPSTREAM)
     newest = out / "train" / "_train" / "run" / "checkpoint_00000020"
-    kill_run_when(["run", str(recipe), "--until", "train", "--no-progress"], newest.exists, timeout=400)
+    kill_at_once_when(["run", str(recipe), "--until", "train", "--no-progress"], newest.exists, timeout=400)
     row.extra["newest_half_written"] = checkpoint.problem(str(newest)) is not None
     row.extra["step_at_kill"] = train_step(out / "train" / "_train" / "progress.json")
     rerun = dalle("run", recipe, "--until", "train", "--no-progress")
@@ -204,6 +206,33 @@ def checkpoint_sigkill(work: Path, ref: Reference) -> Row:
     row.half_written = sum(checkpoint.problem(str(newest.parent / name)) is not None for name in kept)
     _same_training(row, out, reference)
     return row
+
+
+def kill_at_once_when(args: list[str], ready: Callable[[], bool], timeout: float) -> None:
+    """Starts `dalle ARGS` in its own session and SIGKILLs every process of it within about a
+    millisecond of `ready()` (the pids are listed ahead), to land inside a short window such as a
+    checkpoint save. Whether it landed there is for the caller to check."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, listed, pids = time.monotonic() + timeout, 0.0, []
+    try:
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the run ended (exit {proc.returncode}) or timed out before the kill point")
+            if time.monotonic() - listed > 0.5:
+                pids, listed = session_pids(proc.pid), time.monotonic()
+            time.sleep(0.001)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        kill_session(proc)
 
 
 def _damage(encode: Path) -> dict[str, str]:
@@ -415,7 +444,13 @@ class _Head:
         token.write_text(secrets.token_hex(16))
         env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
-        ports = [f"--port={free_port()}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+        self.gcs_port = free_port()
+        self.env = env
+        ports = [
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ]
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
         cmd += [*ports, "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=1"]
         self.log = open(work / "ray-head.log", "w")  # noqa: SIM115 - lives as long as the head
@@ -440,18 +475,30 @@ class _Head:
 
 def ray_head_running_then_stale(work: Path, ref: Reference) -> Row:
     """`dalle run` while a `ray start --head` runs on the machine, then after it was SIGKILLed
-    (its /tmp/ray files left stale): both start a Ray of their own."""
+    (its /tmp/ray files left stale): both start a Ray of their own. With `--address` the run
+    attaches to the head instead, and says so."""
     row = Row("ray_head_running_then_stale")
     head = _Head(work)
     try:
         head.wait_up()
         running = dalle("run", ref.recipe(work / "a.yaml", output_dir=work / "a"), "--until", "ingest", "--no-progress")
+        address = f"127.0.0.1:{head.gcs_port}"
+        recipe = ref.recipe(work / "c.yaml", output_dir=work / "c")
+        attached = dalle("run", recipe, "--until", "ingest", "--no-progress", "--address", address, env=head.env)
     finally:
         head.kill()
     stale = dalle("run", ref.recipe(work / "b.yaml", output_dir=work / "b"), "--until", "ingest", "--no-progress")
     broken(row, running if running.returncode else stale)
     row.rerun_exit_code = stale.returncode
-    row.extra = {"running_head_exit_code": running.returncode, "attached": "attached" in running.stderr + stale.stderr}
+    row.extra = {
+        "running_head_exit_code": running.returncode,
+        "attached": "attached" in running.stderr + stale.stderr,
+        "with_address": {
+            "exit_code": attached.returncode,
+            "message": next((ln for ln in attached.stderr.splitlines() if ln.startswith("dalle: ")), ""),
+            "traceback": "Traceback" in attached.stderr,
+        },
+    }
     compared(row, work / "a" / "ingest", ref.ingest)
     second = compare_stage(work / "b" / "ingest", ref.ingest)
     row.lost += second["missing"]

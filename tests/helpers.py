@@ -51,7 +51,7 @@ def dalle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
 
 
-def _session_pids(sid: int) -> list[int]:
+def session_pids(sid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -89,7 +89,7 @@ def kill_run_when(args: list[str], ready, timeout: float = 240) -> None:
 def kill_session(proc: subprocess.Popen, rounds: int = 20) -> None:
     """SIGKILLs every process of `proc`'s session (Ray's daemons and workers included), then reaps it."""
     for _ in range(rounds):
-        pids = _session_pids(proc.pid)
+        pids = session_pids(proc.pid)
         if not pids:
             break
         for pid in pids:

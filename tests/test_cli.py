@@ -69,6 +69,30 @@ def test_url_list_without_the_caption_column(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_by_default_a_url_list_on_loopback_is_refused_and_nothing_is_fetched(tmp_path):
+    """The address check with no opt-in: every row of a list on the loopback server is refused
+    (`disallowed_address`), a file: row as `disallowed_scheme`, and the server sees no request."""
+    dataset = generate(SyntheticConfig(count=20, seed=7, defect_fraction=0.0))
+    with LoopbackServer(dataset.files) as server:
+        rows = [{"url": server.url + r["path"], "caption": r["caption"]} for r in dataset.rows]
+        rows.append({"url": "file:///etc/hostname", "caption": "a local file"})
+        urls = tmp_path / "urls.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), urls)
+        result = dalle(
+            "run", str(recipe_for(tmp_path, [urls], allow_networks=[])), "--until", "ingest", "--no-progress"
+        )
+        served = list(server.served)
+    assert result.returncode == 0, result.stderr
+    assert "1 URL-list rows are not http(s) URLs: refused, not fetched" in result.stderr
+    done = json.loads((tmp_path / "out" / "ingest" / "_done.json").read_text())
+    assert done["samples_out"] == 0 and served == []
+    assert {k: v for k, v in done["counts"].items() if v} == {
+        "disallowed_address": len(rows) - 1,
+        "disallowed_scheme": 1,
+    }
+
+
 def test_missing_url_list_file(tmp_path):
     result = dalle("run", str(recipe_for(tmp_path, [tmp_path / "nope.tsv"])))
     assert_user_error(result, "nope.tsv", "file not found")

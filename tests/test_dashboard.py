@@ -23,7 +23,7 @@ import fsspec
 import numpy as np
 import pytest
 import yaml
-from helpers import ENV, ROOT, UPSTREAM, _session_pids, kill_session, recipe_at, small_recipe, train_step
+from helpers import ENV, ROOT, UPSTREAM, kill_session, recipe_at, session_pids, small_recipe, train_step
 from PIL import Image
 from test_report import _Page, _shown
 from test_report import _screenshot as screenshot
@@ -172,7 +172,7 @@ def _paused(proc):
     page is taken mid-training however slowly Chromium starts; SIGCONTs them after."""
     stopped: set[int] = set()
     try:
-        while new := set(_session_pids(proc.pid)) - stopped:  # until no stopped process had forked
+        while new := set(session_pids(proc.pid)) - stopped:  # until no stopped process had forked
             for pid in new:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)

@@ -22,7 +22,9 @@ MESSAGES = {
     "hostile_url_list": (0, r"^ingest: 45 in, 30 out \(.*too_many_pixels 2\)"),
     "ray_head_running_then_stale": (0, r"^ingest: \d+ in, \d+ out"),
     "secrets_in_files": (0, r"^filter: \d+ in, \d+ out"),
-    "checkpoint_sigkill": (0, r"WARNING .*skipping incomplete checkpoint .*checkpoint_00000020"),
+    # the warning when the kill landed inside the save (the newest checkpoint half-written), else
+    # the summary: a kill a moment after the save resumes from it
+    "checkpoint_sigkill": (0, r"WARNING .*skipping incomplete checkpoint .*checkpoint_00000020|^train: 640 in"),
     "damaged_encoded_shards": (
         1,
         r"^dalle: stage 'train': training failed: rank \d: ShardError: .*encode/0000[02]\.tar: .*"
@@ -62,8 +64,14 @@ def test_fault(name, tmp_path, reference, request):
         assert row.extra["killed_after_first_commit"]
     if name == "ray_head_running_then_stale":
         assert row.extra["running_head_exit_code"] == 0 and not row.extra["attached"]
+        with_address = row.extra["with_address"]
+        assert with_address["exit_code"] == 0 and not with_address["traceback"], with_address
+        assert re.fullmatch(
+            r"dalle: attached to the Ray cluster at 127\.0\.0\.1:\d+ \(1 nodes\)", with_address["message"]
+        )
     if name == "checkpoint_sigkill":
         assert row.extra["step_at_kill"] < 30, row  # killed during the save of checkpoint 20
+        assert ("skipping incomplete" in row.message) == row.extra["newest_half_written"], row
     if name == "damaged_encoded_shards":
         assert row.extra["validate"].startswith("dropped 2 damaged shards") and row.extra["validate_exit_code"] == 0
     if name == "secrets_in_files":

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from faults import files_holding
 from helpers import (
     ENV,
     ROOT,
@@ -58,6 +59,10 @@ class RayHead:
         # jobs run `python -m pipeline.cli`: the cluster's `python` must be this interpreter
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         self.env = {**ENV, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
+        # secrets in the nodes' environment, where cluster/README.md tells users to put them: no
+        # file, runtime_env or log of a job may hold them
+        self.secrets = {name: f"marker{secrets.token_hex(12)}" for name in ("AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY")}
+        self.env.update(self.secrets)
         self.env["RAY_metrics_report_interval_ms"] = "500"  # metrics reach the endpoint within the test
         self.procs: list[subprocess.Popen] = []
         # Ray's unix sockets live under its temp dir, and their paths may not exceed 107 bytes
@@ -168,6 +173,20 @@ def test_submit_follows_the_job_to_succeeded_and_every_stage_is_complete(head, r
     assert (mine["status"], mine["recipe"], mine["output_dir"]) == ("SUCCEEDED", "demo", str(out))
     logs = dalle(head, "logs", job_id, "--address", head.address)
     assert logs.returncode == 0 and "encode done" in logs.stdout
+
+
+def test_no_secret_reaches_the_jobs_files_runtime_env_or_logs(head, finished):
+    result, out = finished
+    job_id = submitted_id(result)
+    markers = [*head.secrets.values(), head.token_file.read_text().strip()]
+    headers = {"authorization": f"Bearer {head.token_file.read_text().strip()}"}
+    info = requests.get(f"{head.address}/api/jobs/{job_id}", headers=headers, timeout=10)
+    assert info.ok and info.json()["runtime_env"]["working_dir"], info.text[:500]
+    logs = dalle(head, "logs", job_id, "--address", head.address)
+    assert logs.returncode == 0 and "train done" in logs.stdout
+    for marker in markers:
+        assert marker not in info.text and marker not in logs.stdout + logs.stderr + result.stdout
+    assert files_holding(out, [m.encode() for m in markers]) == []
 
 
 def test_a_job_stopped_in_the_middle_of_training_resumes_when_resubmitted(head, recipe, finished, tmp_path):

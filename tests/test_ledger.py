@@ -33,6 +33,21 @@ def test_commit_makes_a_shard_done(tmp_path):
     assert done["00000"].finished_at > 0
 
 
+def test_forget_takes_shards_out_of_a_compacted_ledger_with_their_files(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    for shard in ("00000", "00001", "00002"):
+        (tmp_path / f"{shard}.tar").write_bytes(b"tar")
+        ledger.commit(record(shard))
+    ledger.compact(ledger.done(), total=3)
+    (tmp_path / "_done.json").write_text("{}")
+    ledger.forget(["00001", "00002"])
+    assert list(ledger.done()) == ["00000"]
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["00000.tar"]
+    assert not (tmp_path / "_done.json").exists()  # the stage runs again, for the forgotten shards only
+    ledger.forget(["00001"])  # already gone: nothing to do
+    assert list(ledger.done()) == ["00000"]
+
+
 def test_unfinished_writes_are_not_records(tmp_path):
     ledger = Ledger(str(tmp_path))
     (tmp_path / "_ledger").mkdir()
