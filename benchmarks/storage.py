@@ -60,7 +60,7 @@ def moto_bucket(counter: dict[str, int] | None = None) -> tuple[str, dict[str, s
 
     import boto3
 
-    from pipeline.synthetic.s3_server import start_s3_server
+    from pipeline.synthetic.s3_server import CLEARED, client_env, start_s3_server
 
     lock = threading.Lock()
 
@@ -70,15 +70,9 @@ def moto_bucket(counter: dict[str, int] | None = None) -> tuple[str, dict[str, s
                 counter["requests"] = counter.get("requests", 0) + 1
 
     server = start_s3_server(count)
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = client_env(server)
     os.environ.update(env)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    for name in CLEARED:
         os.environ.pop(name, None)
     boto3.client("s3").create_bucket(Bucket="bench")
     return "bench", env, server

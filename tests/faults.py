@@ -13,12 +13,10 @@ address other than 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,10 +40,10 @@ from helpers import (  # noqa: E402
     compare_keys,
     compare_stage,
     free_port,
+    kill_run_when,
     kill_session,
     merge_dicts,
     recipe_at,
-    session_pids,
     small_recipe,
     train_sample_keys,
     train_step,
@@ -194,7 +192,7 @@ def checkpoint_sigkill(work: Path, ref: Reference) -> Row:
     reference = ref.trained
     recipe, out = recipe_at(work, ref.encoded, UPSTREAM)
     newest = out / "train" / "_train" / "run" / "checkpoint_00000020"
-    kill_at_once_when(["run", str(recipe), "--until", "train", "--no-progress"], newest.exists, timeout=400)
+    kill_run_when(["run", str(recipe), "--until", "train", "--no-progress"], newest.exists, timeout=400)
     row.extra["newest_half_written"] = checkpoint.problem(str(newest)) is not None
     row.extra["step_at_kill"] = train_step(out / "train" / "_train" / "progress.json")
     rerun = dalle("run", recipe, "--until", "train", "--no-progress")
@@ -206,33 +204,6 @@ def checkpoint_sigkill(work: Path, ref: Reference) -> Row:
     row.half_written = sum(checkpoint.problem(str(newest.parent / name)) is not None for name in kept)
     _same_training(row, out, reference)
     return row
-
-
-def kill_at_once_when(args: list[str], ready: Callable[[], bool], timeout: float) -> None:
-    """Starts `dalle ARGS` in its own session and SIGKILLs every process of it within about a
-    millisecond of `ready()` (the pids are listed ahead), to land inside a short window such as a
-    checkpoint save. Whether it landed there is for the caller to check."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=ROOT,
-        env=ENV,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline, listed, pids = time.monotonic() + timeout, 0.0, []
-    try:
-        while not ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the run ended (exit {proc.returncode}) or timed out before the kill point")
-            if time.monotonic() - listed > 0.5:
-                pids, listed = session_pids(proc.pid), time.monotonic()
-            time.sleep(0.001)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    finally:
-        kill_session(proc)
 
 
 def _damage(encode: Path) -> dict[str, str]:
@@ -298,7 +269,7 @@ def object_store_killed(work: Path, ref: Reference) -> Row:
     import boto3
     import s3fs
 
-    from pipeline.synthetic.s3_server import start_s3_server
+    from pipeline.synthetic.s3_server import CLEARED, client_env, start_s3_server
 
     row = Row("object_store_killed")
     committed = threading.Event()
@@ -309,17 +280,9 @@ def object_store_killed(work: Path, ref: Reference) -> Row:
             threading.Thread(target=server.stop, daemon=True).start()
 
     server = start_s3_server(on_request)
-    host, port = server.get_host_and_port()
-    env = {
-        **ENV,
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_MAX_ATTEMPTS": "2",  # botocore's retries of a dead endpoint, so the scenario ends sooner
-    }
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        env.pop(name, None)
+    port = server.get_host_and_port()[1]
+    # botocore's retries of a dead endpoint cut to 2, so the scenario ends sooner
+    env = {k: v for k, v in ENV.items() if k not in CLEARED} | client_env(server) | {"AWS_MAX_ATTEMPTS": "2"}
     saved = {k: os.environ.get(k) for k in env if k.startswith("AWS_")}
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     s3fs.S3FileSystem.clear_instance_cache()

@@ -4,6 +4,7 @@ a stage's committed output for comparisons."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -65,7 +66,9 @@ def session_pids(sid: int) -> list[int]:
 
 def kill_run_when(args: list[str], ready, timeout: float = 240) -> None:
     """Starts `dalle ARGS` in its own session, waits until `ready()` is true, then SIGKILLs every
-    process of that session (the driver, Ray's daemons and workers), as a machine crash would."""
+    process of that session (the driver, Ray's daemons and workers), as a machine crash would.
+    The session's processes are listed ahead and `ready` is polled every millisecond, so the kill
+    lands within about a millisecond (inside a short window, such as a checkpoint save)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=ROOT,
@@ -74,14 +77,19 @@ def kill_run_when(args: list[str], ready, timeout: float = 240) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + timeout
+    deadline, listed, pids = time.monotonic() + timeout, 0.0, []
     try:
         while not ready():
             if proc.poll() is not None:
                 pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point")
             if time.monotonic() > deadline:
                 pytest.fail("the kill point was never reached")
-            time.sleep(0.01)
+            if time.monotonic() - listed > 0.5:
+                pids, listed = session_pids(proc.pid), time.monotonic()
+            time.sleep(0.001)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     finally:
         kill_session(proc)
 

@@ -19,7 +19,7 @@ from pipeline.config.recipe import load_recipe
 from pipeline.engine.ledger import Ledger
 from pipeline.models.dvae import load_dvae
 from pipeline.observe.tracking import read_metrics
-from pipeline.synthetic.s3_server import start_s3_server
+from pipeline.synthetic.s3_server import CLEARED, client_env, start_s3_server
 from pipeline.train.checkpoint import PREFIX
 
 pytestmark = pytest.mark.slow
@@ -36,17 +36,11 @@ def bucket():
     """An empty bucket on a moto server; this process and every `dalle` it starts (with their
     Ray workers) reach it through the standard AWS environment variables."""
     server = start_s3_server(lambda method, path: REQUESTS.append((method, path)))
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = client_env(server)
     saved = dict(ENV)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            for name in CLEARED:
                 mp.delenv(name, raising=False)
                 ENV.pop(name, None)
             for name, value in env.items():

@@ -33,3 +33,19 @@ def start_s3_server(on_request: Callable[[str, str], None] | None = None, port: 
     server = Server(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     return server
+
+
+CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN")
+"""Variables that would point a client elsewhere than `client_env`'s server: unset them."""
+
+
+def client_env(server) -> dict[str, str]:
+    """The standard AWS variables that send s3fs, boto3 and pyarrow (so Ray workers too) to the
+    moto `server`, with its dummy credentials."""
+    host, port = server.get_host_and_port()
+    return {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
