@@ -152,6 +152,7 @@ def _rank(rank: int, args, port: int, out: str, results) -> None:
     dist.barrier()
     results[rank] = sampler.stop()
     dist.destroy_process_group()
+    os._exit(0)  # the figures are in; a joinable native thread (gloo, DeepSpeed's comm op) can abort teardown
 
 
 def _free_port() -> int:
