@@ -33,7 +33,7 @@ test: install lint browser
 
 # the fault matrix (full disk, dead object store, hostile URL list, ...) as a JSON table
 faults: install
-	$(PY) tests/faults.py
+	@$(PY) tests/faults.py
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests benchmarks
