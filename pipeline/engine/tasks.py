@@ -67,10 +67,9 @@ def make_shard_retrying(
     """Up to 1 + `retries` tries at a shard in this process; the last try's error is raised.
     Retrying here, not through Ray's `retry_exceptions`, keeps Ray from printing a traceback to
     the user's terminal for every retried try (the executor reports the failures, one line each)."""
-    for tries_left in range(retries, -1, -1):
+    for _ in range(retries):
         try:
             return make_shard(worker, ledger_root, task, fingerprint)
-        except Exception:
-            if not tries_left:
-                raise
-    raise AssertionError("unreachable")
+        except Exception:  # noqa: BLE001 - tried again below; the last try's error is the one raised
+            continue
+    return make_shard(worker, ledger_root, task, fingerprint)

@@ -250,9 +250,12 @@ class IngestStage(Stage):
         tasks = [t for i, url in enumerate(cfg.url_lists) for t in list_tasks(url, i, rows[i], cfg.shard_size, digits)]
         records = self.run_shards(ctx, tasks, ledger=Ledger(self._input_url()), label="ingest (plan)")
         names = [f.removesuffix(".parquet") for t in tasks for f in sorted(records[t.shard].files)]
-        refused = sum(r.counts.get("disallowed_scheme", 0) for r in records.values())
-        info = {"shards": names, "rows": sum(r.samples_in for r in records.values()), "digits": digits}
-        info["refused_schemes"] = refused
+        info = {
+            "shards": names,
+            "rows": sum(r.samples_in for r in records.values()),
+            "digits": digits,
+            "refused_schemes": sum(r.counts.get("disallowed_scheme", 0) for r in records.values()),
+        }
         storage.write_json(self._input_url("_plan.json"), info)
         return info
 
