@@ -28,6 +28,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -103,6 +104,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     sample.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
     sample.add_argument("--top-p", type=_positive_float, default=None, help="nucleus sampling mass in (0, 1]")
     sample.add_argument(
+        "--guidance",
+        type=_float_above(0, inclusive=True),
+        default=1.0,
+        help="classifier-free guidance scale (default 1: unguided; the model needs null_caption_prob > 0)",
+    )
+    sample.add_argument(
         "--batch-size",
         type=_positive_int,
         default=None,
@@ -176,14 +183,22 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+def _float_above(bound: float, inclusive: bool = False):
+    """An argparse type: a float > `bound` (>= when `inclusive`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (value >= bound if inclusive else value > bound):
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if inclusive else '>'} {bound:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_above(0)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -273,7 +288,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.top_p is not None and args.top_p > 1:
         raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.batch_size, args.seed)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.batch_size, args.seed, args.guidance)
     summary = sample(
         args.model,
         args.prompt,

@@ -105,6 +105,17 @@ def test_candidates_are_reproducible_from_the_seed(gen):
     assert gen.batch_size(SamplingConfig()) >= 8  # a tiny model on this host fits many
 
 
+def test_guided_candidates_follow_their_seed_and_halve_the_batch(gen):
+    plain = SamplingConfig(batch_size=4, seed=7, top_k=8)
+    guided = SamplingConfig(batch_size=4, seed=7, top_k=8, guidance=3.0)
+    assert SamplingConfig(guidance=1.0).guidance_scale is None  # scale 1 runs no second stream
+    a = gen.sample(PROMPT, 8, guided)
+    assert not np.array_equal(a, gen.sample(PROMPT, 8, plain))
+    np.testing.assert_array_equal(gen.sample(PROMPT, 8, SamplingConfig(batch_size=3, seed=7, top_k=8, guidance=3.0)), a)
+    # two streams per candidate: half the candidates fit in the same memory
+    assert gen.batch_size(SamplingConfig(guidance=3.0)) == gen.batch_size(SamplingConfig()) // 2
+
+
 def test_completion_keeps_the_given_rows(gen):
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     result = gen.complete(image, PROMPT, 2, 6, SamplingConfig(batch_size=6))
@@ -130,8 +141,10 @@ def test_dalle_sample_writes_grid_images_and_scores(folder, tmp_path):
     np.testing.assert_array_equal(first, grid[2:34, 2:34])
     # image completion from the first kept image, its top row of tokens kept
     r = dalle("sample", str(folder / "model"), PROMPT, "--n", "4", "--top", "2", "--out", str(tmp_path / "c.png"),
-              "--complete", str(tmp_path / info["kept"][0]["file"]), "--rows", "1")  # fmt: skip
+              "--complete", str(tmp_path / info["kept"][0]["file"]), "--rows", "1", "--guidance", "2.5")  # fmt: skip
     assert r.returncode == 0, r.stderr
+    r = dalle("sample", str(folder / "model"), PROMPT, "--guidance", "-1")
+    assert r.returncode == 2 and "argument --guidance: expected a number >= 0, got '-1'" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from pipeline.models.sampling import (
     CandidateNoise,
     _draw,
     filter_logits,
+    guided_logits,
     kv_batch_size,
     kv_cache_bytes,
     sample_image_tokens,
@@ -110,25 +111,30 @@ def test_image_completion_keeps_the_prefix(rows, monkeypatch):
     assert torch.equal(cached, full)
 
 
-def test_cached_path_runs_one_new_position_per_step(monkeypatch):
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_cached_path_runs_one_new_position_per_step(guidance, monkeypatch):
     m = make_model("default", monkeypatch)
     prefix_len = TINY.image_grid
     lengths: list[list[int]] = [[] for _ in m.blocks]
+    rows: set[int] = set()
     for i, block in enumerate(m.blocks):
         original = block.forward_cached
 
         def counting(x, cache, start, _i=i, _original=original):
             lengths[_i].append(x.shape[1])
+            rows.add(x.shape[0])
             return _original(x, cache, start)
 
         monkeypatch.setattr(block, "forward_cached", counting)
         # The full (uncached) block forward must never run on the cached path.
         block.register_forward_pre_hook(lambda *_: pytest.fail("full block forward called"))
     prefix = torch.zeros(3, prefix_len, dtype=torch.long)
-    sample_image_tokens(m, make_text(), seeds=seeds(0), prefix=prefix)
+    sample_image_tokens(m, make_text(), seeds=seeds(0), prefix=prefix, guidance=guidance)
     # The prefix once, then one position for each sampled token but the last (which feeds nothing).
     steps = TINY.image_len - prefix_len - 1
     assert all(seen == [TINY.text_len + prefix_len] + [1] * steps for seen in lengths)
+    # guided: the unconditional streams ride in the same batch through the same cache
+    assert rows == {3 if guidance is None else 6}
 
 
 def test_full_prefix_is_returned_unchanged(monkeypatch):
@@ -223,3 +229,42 @@ def test_the_batch_follows_the_kv_cache_memory():
     assert 25 <= size <= 40 and size * per <= 0.8 * free
     assert kv_batch_size(big, torch.bfloat16, 10**6) == 1
     assert kv_batch_size(TINY, torch.float32, 10**12) == 512
+
+
+def test_guided_logits_push_away_from_the_unconditional_stream():
+    cond, uncond = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 0.5, -1.0]])
+    both = torch.cat([cond, uncond])
+    torch.testing.assert_close(guided_logits(both, 3.0), uncond + 3.0 * (cond - uncond))
+    torch.testing.assert_close(guided_logits(both, 1.0), cond)
+    torch.testing.assert_close(guided_logits(both, 0.0), uncond)
+    assert guided_logits(cond.bfloat16(), None).dtype == torch.float32
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_guidance_1_draws_what_unguided_sampling_draws(schedule, monkeypatch):
+    """Both streams run (and are combined) at scale 1, and the draw is the unguided one token for token."""
+    m = make_model(schedule, monkeypatch)
+    text = make_text()
+    unguided = sample_image_tokens(m, text, seeds=seeds(4), top_k=8)
+    assert torch.equal(sample_image_tokens(m, text, seeds=seeds(4), top_k=8, guidance=1.0), unguided)
+    guided = sample_image_tokens(m, text, seeds=seeds(4), top_k=8, guidance=3.0)
+    assert not torch.equal(guided, unguided)
+    # the cached guided path equals the recomputing one
+    full = sample_image_tokens(m, text, seeds=seeds(4), top_k=8, guidance=3.0, use_cache=False)
+    assert torch.equal(guided, full)
+
+
+def test_the_unconditional_stream_sees_no_caption(monkeypatch):
+    """Scale 0 draws from the unconditional stream alone: what the empty caption draws, whatever the
+    caption; completion prefixes still reach it."""
+    m = make_model("default", monkeypatch)
+    text, empty = make_text(), torch.zeros(3, TINY.text_len, dtype=torch.long)
+    alone = sample_image_tokens(m, text, seeds=seeds(2), guidance=0.0)
+    assert torch.equal(alone, sample_image_tokens(m, empty, seeds=seeds(2)))
+    assert torch.equal(alone, sample_image_tokens(m, make_text(seed=9), seeds=seeds(2), guidance=0.0))
+    assert not torch.equal(alone, sample_image_tokens(m, text, seeds=seeds(2)))
+    prefix = torch.randint(0, TINY.image_vocab, (3, TINY.image_grid), generator=torch.Generator().manual_seed(3))
+    completed = sample_image_tokens(m, text, seeds=seeds(2), guidance=0.0, prefix=prefix)
+    assert torch.equal(completed, sample_image_tokens(m, empty, seeds=seeds(2), prefix=prefix))
+    with pytest.raises(ValueError, match="guidance must be at least 0"):
+        sample_image_tokens(m, text, seeds=seeds(2), guidance=-1.0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.models.bpe import TextTokenizer, dropout_rng, train_tokenizer
+from pipeline.models.bpe import TextTokenizer, caption_rng, train_tokenizer
 
 CAPTIONS = [
     f"a {s} {c} {shape} on the {p}"
@@ -73,7 +73,7 @@ def test_bpe_dropout_is_a_function_of_seed_epoch_and_key(tok):
     caption = "a small green square on the top a large blue circle on the left"
 
     def draw(seed, epoch, key):
-        return tuple(text.encode(caption, 0.3, dropout_rng(seed, epoch, key)))
+        return tuple(text.encode(caption, 0.3, caption_rng(seed, epoch, key)))
 
     assert draw(0, 1, "000010001") == draw(0, 1, "000010001")
     assert len({draw(0, e, "000010001") for e in range(8)}) > 1

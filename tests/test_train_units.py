@@ -198,3 +198,38 @@ def test_bpe_dropout_retokenizes_training_samples_reproducibly_across_a_resume(t
     assert [tuple(task(0.3).decode(s)[0]) for s in held] == [tuple(task(0.0).decode(s)[0]) for s in held]
     with pytest.raises(ValueError, match="tokenizer"):
         TransformerTask({"model": model, "bpe_dropout": 0.1})
+
+
+def test_empty_captions_replace_a_seeded_share_of_training_captions(tmp_path):
+    """`null_caption_prob`: a training sample's caption is the empty one (all padding) with that
+    probability, drawn from (seed, epoch, key) on a stream of its own: the same draws on a resumed
+    stream, the BPE dropout of the other samples unchanged, held-out samples never emptied."""
+    import itertools
+
+    from pipeline.data.loader import ShardStream, read_span
+    from pipeline.stages.train import TransformerTask
+
+    captions = [f"a {c} {s} on the left" for c in ("red", "blue", "green") for s in ("circle", "square")]
+    spans, tokenizer = _encoded_shards(tmp_path, captions * 8)
+    model = {"text_len": 32, "text_vocab": 300, "image_grid": 2, "image_vocab": 8, "layers": 1, "heads": 2}
+
+    def task(null, bpe=0.0, seed=0):
+        config = {"model": model, "bpe_dropout": bpe, "null_caption_prob": null, "seed": seed}
+        return TransformerTask({**config, "models": {"tokenizer": tokenizer}})
+
+    def texts(t, n=96, position=0):
+        stream = ShardStream(spans, rank=0, world=1, seed=0, decode=t.decode)
+        return [tuple(text) for text, _ in itertools.islice(stream.samples(position), n)]
+
+    empty = (0,) * 32
+    stored, nulled = texts(task(0.0)), texts(task(0.25))
+    share = sum(t == empty for t in nulled) / len(nulled)
+    assert 0.1 < share < 0.45 and not any(t == empty for t in stored)
+    assert all(t in (s, empty) for t, s in zip(nulled, stored))  # a caption is kept whole or emptied
+    assert nulled[30:] == texts(task(0.25), n=66, position=30)  # a resumed stream draws the same
+    assert texts(task(0.25, seed=1)) != nulled
+    # its own stream: the kept captions get the BPE dropout a run without empty captions gives them
+    dropped, both = texts(task(0.0, bpe=0.3)), texts(task(0.25, bpe=0.3))
+    assert [t for t in both if t != empty] == [d for d, n in zip(dropped, nulled) if n != empty]
+    held = read_span(spans[0])
+    assert [tuple(task(0.9).decode(s)[0]) for s in held] == [tuple(task(0.0).decode(s)[0]) for s in held]

@@ -30,6 +30,10 @@ class GenerationSection(Config):
     (≈1.3 GB each at 12B in bf16). The images do not depend on it."""
     seed: int = 0
     """Seed of the candidates: the same seed and prompt give the same images."""
+    guidance: float = Field(1.0, ge=0, le=100)
+    """Classifier-free guidance scale: each candidate also runs after the empty caption and draws from
+    `uncond + guidance * (cond - uncond)` (twice the sampling compute); 1: unguided. Needs a model
+    trained with `transformer.train.null_caption_prob` > 0."""
     actors: int | None = Field(None, ge=1)
     """Actors holding the models; null: one per GPU, else one per task CPU."""
     gpus_per_actor: float | None = Field(None, ge=0)

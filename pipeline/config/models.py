@@ -102,6 +102,16 @@ class TrainConfig(Config):
         return self.steps * self.batch_size * self.grad_accum * self.workers
 
 
+class TransformerTrainConfig(TrainConfig):
+    """The trainer settings of the transformer: `TrainConfig`'s and the share of empty captions."""
+
+    null_caption_prob: float = Field(0.0, ge=0, lt=1)
+    """Share of training samples whose caption is replaced by the empty (all-padding) caption, drawn
+    per sample from (seed, epoch, key), so the model also learns images unconditioned: what
+    classifier-free guidance (`sample.guidance`) pushes away from. dalle-mini and DALLE-pytorch use
+    0.1-0.2; 0 trains no unconditional model (guidance then has nothing to push from)."""
+
+
 def _no_zero3(train: TrainConfig, section: str) -> None:
     # the dVAE and CLIP fit on one device many times over, and their tasks evaluate the
     # module directly (HF's CLIP under ZeRO-3 is untested here); ZeRO-3 is for the transformer
@@ -258,7 +268,7 @@ class TransformerSection(Config):
     """Samples per forward pass when measuring the held-out loss."""
     export_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision of the exported weights (sharded safetensors; bf16 halves a 12B export to 24.6 GB)."""
-    train: TrainConfig = TrainConfig(
+    train: TransformerTrainConfig = TransformerTrainConfig(
         steps=430_000,
         batch_size=1,
         grad_accum=1,

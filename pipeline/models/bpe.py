@@ -44,10 +44,16 @@ def train_tokenizer(
     return tok
 
 
-def dropout_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """The BPE-dropout generator of one sample in one epoch of a run."""
+BPE_DROPOUT, EMPTY_CAPTION = 0, 1
+"""The streams of `caption_rng`: one independent generator per kind of draw."""
+
+
+def caption_rng(seed: int, epoch: int, key: str, stream: int = BPE_DROPOUT) -> np.random.Generator:
+    """The generator of one sample's caption draws (`stream`: BPE dropout, or whether its caption is
+    replaced by the empty one) in one epoch of a run."""
     digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, digest >> 32, digest & 0xFFFFFFFF])
+    entropy = [seed & 0xFFFFFFFF, epoch, digest >> 32, digest & 0xFFFFFFFF]
+    return np.random.default_rng(entropy + [stream] if stream else entropy)
 
 
 def merge_word(symbols: list[str], ranks: dict[tuple[str, str], int], p: float, rng: np.random.Generator) -> list[str]:

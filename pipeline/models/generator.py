@@ -35,6 +35,14 @@ class SamplingConfig:
     """Candidates decoded together; None: as many as the KV cache fits in the device's free memory. The
     images do not depend on it (each candidate draws from its own seed)."""
     seed: int = 0
+    guidance: float = 1.0
+    """Classifier-free guidance scale: each candidate also runs unconditioned (empty caption) and draws
+    from `uncond + guidance * (cond - uncond)`; 1 draws unguided (and runs no second stream)."""
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The scale `sample_image_tokens` takes: None when guidance changes nothing."""
+        return None if self.guidance == 1.0 else self.guidance
 
 
 @dataclass(frozen=True)
@@ -124,11 +132,13 @@ class ImageGenerator:
         return ids.expand(count, -1).contiguous()
 
     def batch_size(self, cfg: SamplingConfig) -> int:
-        """`cfg.batch_size`, or the candidates whose KV caches fit in the device's free memory now."""
+        """`cfg.batch_size`, or the candidates whose KV caches (two streams each when guided) fit in the
+        device's free memory now."""
         if cfg.batch_size is not None:
             return cfg.batch_size
         dtype = next(self.dalle.parameters()).dtype
-        return kv_batch_size(self.dalle.cfg, dtype, free_memory(self.device))
+        streams = 1 if cfg.guidance_scale is None else 2
+        return max(1, kv_batch_size(self.dalle.cfg, dtype, free_memory(self.device)) // streams)
 
     def sample(self, prompt: str, n: int, cfg: SamplingConfig, prefix: np.ndarray | None = None) -> np.ndarray:
         """`n` candidates' image tokens [n, grid*grid] (`prefix` [P]: the first P tokens of every one);
@@ -146,6 +156,7 @@ class ImageGenerator:
                 top_k=cfg.top_k,
                 top_p=cfg.top_p,
                 prefix=given,
+                guidance=cfg.guidance_scale,
             )
             out.append(tokens.cpu())
         return torch.cat(out).numpy()

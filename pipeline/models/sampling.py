@@ -10,6 +10,12 @@ logits plus the row's Gumbel noise, a draw from the same distribution as a multi
 depend on its seed only, never on the batch it is drawn in: the batch size is free to follow the device's memory
 (`kv_batch_size`). Both paths draw identically, so for fixed seeds they return the same tokens (up to
 floating-point near-ties).
+
+Classifier-free guidance (`guidance` s, dalle-mini's "super conditioning", DALLE-pytorch's `cond_scale`): every
+candidate also runs as an unconditional stream, the same image tokens after the empty (all-padding) caption, in
+the same batch and through the same KV-cache path, and draws from `uncond + s * (cond - uncond)`. The model must
+have been trained with a share of empty captions (`transformer.train.null_caption_prob`) for the unconditional
+stream to mean anything; s = 1 draws what unguided sampling draws.
 """
 
 from __future__ import annotations
@@ -69,15 +75,26 @@ class CandidateNoise:
         return self._buffer[self._next - 1]
 
 
-def _draw(logits: torch.Tensor, noise: CandidateNoise, temperature: float, top_k: int | None, top_p: float | None):
+def guided_logits(logits: torch.Tensor, guidance: float | None) -> torch.Tensor:
+    """float32 logits [B, V] to draw from: `logits` itself without guidance, else `logits` holds the B
+    conditional rows and then their B unconditional rows, combined as `uncond + guidance * (cond - uncond)`."""
     # float32 whatever the model's dtype: a bf16 softmax over thousands of codes loses the small probabilities.
+    logits = logits.float()
+    if guidance is None:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _draw(logits: torch.Tensor, noise: CandidateNoise, temperature: float, top_k: int | None, top_p: float | None):
     # Temperature first, so the nucleus is taken on the distribution actually sampled from.
-    scaled = filter_logits(logits.float() / temperature, top_k, top_p)
+    scaled = filter_logits(logits / temperature, top_k, top_p)
     return (scaled + noise.gumbel()).argmax(dim=-1)
 
 
 def kv_cache_bytes(cfg, dtype: torch.dtype) -> int:
-    """Bytes of one candidate's key/value cache over every layer and the whole sequence."""
+    """Bytes of one stream's key/value cache over every layer and the whole sequence (a guided candidate runs
+    two streams)."""
     return 2 * cfg.layers * cfg.seq_len * cfg.d_model * torch.empty((), dtype=dtype).element_size()
 
 
@@ -109,17 +126,21 @@ def sample_image_tokens(
     top_p: float | None = None,
     prefix: torch.Tensor | None = None,
     use_cache: bool = True,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """Image tokens [B, N] for raw text ids `text` [B, T] (0 = padding), sampled one at a time in raster order.
 
     `prefix` [B, P] fixes the first P image tokens (image completion) and is returned unchanged in front of the
     sampled rest. `seeds` [B]: each row's generator seed. `use_cache=False` recomputes the whole sequence every
-    step (slow; a reference for the cache). The model runs in eval mode (its previous mode is restored
+    step (slow; a reference for the cache). `guidance`: the classifier-free guidance scale (see the module
+    docstring); None runs no unconditional stream. The model runs in eval mode (its previous mode is restored
     afterwards) in its parameters' dtype.
     """
     cfg = model.cfg
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if guidance is not None and guidance < 0:
+        raise ValueError(f"guidance must be at least 0, got {guidance}")
     if text.ndim != 2 or text.shape[1] != cfg.text_len:
         raise ValueError(f"text must be [B, {cfg.text_len}], got {list(text.shape)}")
     device = model.image_head.weight.device
@@ -137,17 +158,24 @@ def sample_image_tokens(
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} candidates")
     noise = CandidateNoise(seeds, cfg.image_vocab, device)
+    if guidance is not None:
+        # the unconditional streams: the same image tokens after the empty caption, in the same batch
+        text, image = torch.cat([text, torch.zeros_like(text)]), image.repeat(2, 1)
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        token = _draw(guided_logits(logits, guidance), noise, temperature, top_k, top_p)
+        return token if guidance is None else token.repeat(2)
 
     was_training = model.training
     model.eval()
     try:
         if use_cache:
-            caches = model.new_caches(batch)
+            caches = model.new_caches(len(text))
             # Text and given image tokens in one pass; the last of them predicts image token p.
             h = model.forward_cached(text, image, 0, t + p, caches)
             logits = model.head_logits(h[:, -1], t + p - 1)
             for j in range(p, n):
-                image[:, j] = _draw(logits, noise, temperature, top_k, top_p)
+                image[:, j] = draw(logits)
                 if j + 1 < n:
                     h = model.forward_cached(text, image, t + j, t + j + 1, caches)
                     logits = model.head_logits(h[:, -1], t + j)
@@ -155,7 +183,7 @@ def sample_image_tokens(
             for j in range(p, n):
                 # Tokens j.. are still 0 here, which no output at or before position t + j - 1 can see.
                 _, image_logits = model(text, image)
-                image[:, j] = _draw(image_logits[:, j], noise, temperature, top_k, top_p)
+                image[:, j] = draw(image_logits[:, j])
     finally:
         model.train(was_training)
-    return image
+    return image[:batch]

@@ -34,7 +34,7 @@ class GenerationStage(Stage):
 
     def sampling(self) -> SamplingConfig:
         cfg: GenerationSection = self.cfg
-        return SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, cfg.seed)
+        return SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, cfg.seed, cfg.guidance)
 
     def setup(self, placement: Placement) -> None:
         device = torch_device(placement)

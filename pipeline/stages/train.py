@@ -23,7 +23,7 @@ from pipeline.data.loader import EPOCH
 from pipeline.data.shards import Sample, npy_load
 from pipeline.engine.ledger import Attempt
 from pipeline.errors import InputError
-from pipeline.models.bpe import TextTokenizer, dropout_rng
+from pipeline.models.bpe import BPE_DROPOUT, EMPTY_CAPTION, TextTokenizer, caption_rng
 from pipeline.models.generator import MODELS_FILE
 from pipeline.models.transformer import PRESETS, DalleConfig, flops_per_token, sample_losses, write_dalle_config
 from pipeline.models.weight_files import DTYPES, INDEX, ShardedWriter, weight_files
@@ -39,8 +39,9 @@ MODEL_FILES = [INDEX, "config.json"]
 class TransformerTask:
     """The transformer as a `pipeline.train.loop.TrainTask`. Config: {"model": DalleConfig
     dict, "eval_batch_size": int, "export_precision": "fp32" | "bf16" | "fp16", "bpe_dropout":
-    float, "seed": int, "models": {"dvae", "clip", "tokenizer": URL}} (the companions the export
-    names in `models.json`, for sampling; the tokenizer also re-tokenizes captions for BPE dropout)."""
+    float, "null_caption_prob": float, "seed": int, "models": {"dvae", "clip", "tokenizer": URL}}
+    (the companions the export names in `models.json`, for sampling; the tokenizer also
+    re-tokenizes captions for BPE dropout)."""
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = DalleConfig.from_dict(config["model"])
@@ -48,6 +49,7 @@ class TransformerTask:
         self.export_dtype = DTYPES[config.get("export_precision", "fp32")]
         self.models = dict(config.get("models", {}))
         self.bpe_dropout = float(config.get("bpe_dropout", 0.0))
+        self.null_caption_prob = float(config.get("null_caption_prob", 0.0))
         self.seed = int(config.get("seed", 0))
         if self.bpe_dropout > 0 and "tokenizer" not in self.models:
             raise ValueError("transformer task: bpe_dropout needs models.tokenizer")
@@ -61,14 +63,19 @@ class TransformerTask:
         return Dalle(self.cfg)
 
     def decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        """(text ids, image ids); a training sample's caption is re-tokenized with BPE dropout
-        seeded from (seed, epoch, key) when `bpe_dropout` > 0, else the encoded tokens are used
-        (always for held-out samples, which carry no epoch)."""
+        """(text ids, image ids). A training sample's caption is, drawn from (seed, epoch, key): the
+        empty caption (all padding) with probability `null_caption_prob`, else re-tokenized with BPE
+        dropout when `bpe_dropout` > 0, else the encoded tokens. Held-out samples carry no epoch and
+        always keep their encoded tokens."""
         image = npy_load(sample["image_tokens.npy"]).astype(np.int64)
-        if self.bpe_dropout > 0 and EPOCH in sample:
-            rng = dropout_rng(self.seed, sample[EPOCH], sample["__key__"])
-            text = self._text().encode(sample["txt"].decode(), self.bpe_dropout, rng)
-            return text.astype(np.int64), image
+        if EPOCH in sample:
+            epoch, key = sample[EPOCH], sample["__key__"]
+            if self.null_caption_prob > 0:
+                if caption_rng(self.seed, epoch, key, EMPTY_CAPTION).random() < self.null_caption_prob:
+                    return np.zeros(self.cfg.text_len, dtype=np.int64), image
+            if self.bpe_dropout > 0:
+                rng = caption_rng(self.seed, epoch, key, BPE_DROPOUT)
+                return self._text().encode(sample["txt"].decode(), self.bpe_dropout, rng).astype(np.int64), image
         return npy_load(sample["text_tokens.npy"]).astype(np.int64), image
 
     def _text(self):
@@ -176,6 +183,7 @@ class TrainStage(ModelStage):
             "eval_batch_size": self.cfg.eval_batch_size,
             "export_precision": self.cfg.export_precision,
             "bpe_dropout": self.recipe.text_tokenizer.bpe_dropout,
+            "null_caption_prob": self.cfg.train.null_caption_prob,
             "seed": self.cfg.train.seed,
             "models": companions(self.recipe, self.output_dir),
         }
