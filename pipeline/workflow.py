@@ -116,7 +116,7 @@ def run(
         {
             s.name: (s.url, s.wandb_project, s.cfg.model_dump(mode="json"))
             for s in stages
-            if s.wandb_project and not s.tracks_itself
+            if (s.wandb_project or s.always_tracked) and not s.tracks_itself
         },
     )
     with StageProgress(enabled=show_progress, metrics=StageMetrics(recipe.name), runs=runs) as progress:

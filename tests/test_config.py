@@ -130,7 +130,10 @@ def test_bad_transformer_settings_name_the_field(patch, expected):
 @pytest.mark.parametrize(
     "patch, expected",
     [
-        ({"sample": {"prompts": []}}, "field 'sample.prompts': Tuple should have at least 1 item"),
+        ({"sample": {"prompts": []}}, "field 'sample': no prompts and no completions: give at least one"),
+        ({"sample": {"prompts": ["a", " "]}}, "field 'sample': a prompt is empty"),
+        ({"sample": {"completions": [{"prompt": "a", "image": "x.png"}]}}, "field 'sample.completions.0.rows'"),
+        ({"sample": {"completions": [{"prompt": "a", "image": "x.png", "rows": -1}]}}, "sample.completions.0.rows"),
         ({"sample": {"prompts": ["a"], "top": 9, "candidates": 8}}, "field 'sample': top 9 is above candidates 8"),
         ({"sample": {"prompts": ["a"], "top_p": 1.5}}, "field 'sample.top_p'"),
         ({"evaluate": {}}, "recipe: evaluate needs ingest.synthetic: the analyzer reads only the synthetic shapes"),

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from random import Random
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from helpers import committed, copy_stages, dalle, kill_run_when, recipe_at
 from PIL import Image
 
 from pipeline.stages.evaluate import accuracy, check
+from pipeline.synthetic.dataset import render
 from pipeline.synthetic.prompts import Prompt
 from pipeline.views.report import _pct
 
@@ -67,10 +69,17 @@ class _Page(HTMLParser):
             self._table = None
 
 
+COMPLETE = "a large red circle on the left"
+"""The caption of the completion prompt, whose top rows come from a render of it."""
+
+
 def _recipe(tmp_path, run):
     recipe, out = recipe_at(tmp_path, run, UPSTREAM)
     data = yaml.safe_load(recipe.read_text())
-    data["sample"], data["evaluate"] = SAMPLE, EVALUATE
+    image, _ = render([{"colour": "red", "shape": "circle", "size": "large", "position": "left"}], 64, Random(1))
+    image.save(tmp_path / "start.png")
+    completion = {"prompt": COMPLETE, "image": str(tmp_path / "start.png"), "rows": 3}
+    data["sample"], data["evaluate"] = {**SAMPLE, "completions": [completion]}, EVALUATE
     recipe.write_text(yaml.safe_dump(data))
     return recipe, out
 
@@ -159,6 +168,40 @@ def _shown(shot, image):
     return False
 
 
+def test_sample_stage_completes_images_and_logs_its_grids_to_wandb(full):
+    out, recipe = full
+    records = _records(out / "sample")
+    assert [r["prompt"] for r in records] == [*SAMPLE["prompts"], COMPLETE]
+    assert "image" not in records[0] and (records[2]["image"], records[2]["rows"]) == (
+        str(recipe.parent / "start.png"),
+        3,
+    )
+    assert len(records[2]["scores"]) == 8 and len(records[2]["kept"]) == 4
+    # no wandb_project in the recipe: the grids still go to an offline run under the stage folder
+    info = json.loads((out / "sample" / "tracking.json").read_text())
+    assert info["mode"] == "offline"
+    (run,) = (out / "sample" / "wandb").glob(f"offline-run-*-{info['run_id']}")
+    assert len(list(run.rglob("media/images/**/*.png"))) == 3  # one grid per prompt
+    logged = next(run.glob("*.wandb")).read_bytes()
+    assert all(p.encode() in logged for p in SAMPLE["prompts"])
+
+
+def test_a_bad_completion_prompt_is_one_line_before_anything_runs(full, tmp_path):
+    _, recipe = full
+    for change, message in (
+        ({"image": str(tmp_path / "nope.png")}, f"sample.completions[0].image: no such image '{tmp_path}/nope.png'"),
+        ({"image": str(recipe)}, "sample.completions[0].image: "),
+        ({"rows": 9}, "sample.completions[0].rows: 9 is more than the dVAE's 8 token rows"),
+    ):
+        data = yaml.safe_load(recipe.read_text())
+        data["sample"]["completions"][0].update(change)
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(data))
+        result = dalle("run", str(bad), "--no-progress")
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+        assert message in result.stderr
+
+
 def test_report_renders_in_headless_chromium(full, tmp_path):
     out, _ = full
     shot = _screenshot(out / "report.html", tmp_path / "shot.png")
@@ -188,7 +231,9 @@ def test_generation_stages_resume_after_sigkill(full, tmp_path):
     for stage in ("sample", "evaluate"):
         got, want = committed(out / stage), committed(ref / stage)
         assert got == want, f"{stage}: missing {set(want) - set(got)}, extra {set(got) - set(want)}"
-        assert _records(out / stage) == _records(ref / stage)
+        # (the completion's image is named by its path, which differs between the two runs' folders)
+        same = [[{k: v for k, v in r.items() if k != "image"} for r in _records(d / stage)] for d in (out, ref)]
+        assert same[0] == same[1]
         for shard in want:
             assert (out / stage / f"{shard}.png").read_bytes() == (ref / stage / f"{shard}.png").read_bytes()
     assert json.loads((out / "evaluate" / "metrics.json").read_text()) == json.loads(

@@ -4,6 +4,7 @@ EMA, per-step seeds."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -233,3 +234,21 @@ def test_empty_captions_replace_a_seeded_share_of_training_captions(tmp_path):
     assert [t for t in both if t != empty] == [d for d, n in zip(dropped, nulled) if n != empty]
     held = read_span(spans[0])
     assert [tuple(task(0.9).decode(s)[0]) for s in held] == [tuple(task(0.0).decode(s)[0]) for s in held]
+
+
+def test_a_save_sweeps_the_staging_folders_of_ranks_that_died_mid_save(tmp_path, monkeypatch):
+    import subprocess
+    import tempfile
+
+    from pipeline.train import checkpoint
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name in (f"dalle-ckpt-{dead.pid}-abc", f"dalle-ckpt-{os.getpid()}-def", "dalle-ckpt-x-1", "other-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mp_rank_00_model_states.pt").write_bytes(b"0" * 10)
+    checkpoint._sweep_orphans()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"dalle-ckpt-{os.getpid()}-def", "dalle-ckpt-x-1", "other-1"]
+    )

@@ -50,13 +50,35 @@ class GenerationSection(Config):
         return self
 
 
+class CompletionPrompt(Config):
+    """Image completion (the paper's figure 2 setting): the top `rows` token rows of `image` are
+    kept and the rest of the grid is drawn for `prompt`."""
+
+    prompt: str = Field(min_length=1)
+    """The caption the rest of the image is drawn for."""
+    image: str = Field(min_length=1)
+    """A JPEG or PNG (path or URL), resized to the dVAE's image size and encoded to tokens."""
+    rows: int = Field(ge=0)
+    """Token rows of `image` kept, from the top (at most the dVAE's grid)."""
+
+
 class SampleSection(GenerationSection):
     """The `sample` stage: a reranked grid and the single images with their scores per prompt."""
 
-    prompts: tuple[str, ...] = Field(min_length=1)
+    prompts: tuple[str, ...] = ()
     """Captions to draw images for (one shard each)."""
+    completions: tuple[CompletionPrompt, ...] = ()
+    """Image-completion prompts (one shard each, after `prompts`)."""
     grid_columns: int = Field(8, ge=1)
     """Columns of each prompt's grid of kept images."""
+
+    @model_validator(mode="after")
+    def _some_prompt(self) -> SampleSection:
+        if not self.prompts and not self.completions:
+            raise ValueError("no prompts and no completions: give at least one")
+        if any(not p.strip() for p in self.prompts):
+            raise ValueError("a prompt is empty")
+        return self
 
 
 class EvaluateSection(GenerationSection):

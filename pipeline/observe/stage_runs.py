@@ -3,8 +3,9 @@ run per stage, logged by the driver as shards commit.
 
 Each run has the stage's throughput, cumulative sample counts, drops and failures by reason, and
 example images: a few captioned images of the stage's first new shard (ingest, filter) or each
-committed grid (sample). A run is opened only where a W&B project is set (the recipe's
-`wandb_project`, or the sample stage's own); training stages and evaluate keep their own runs.
+committed grid, captioned with its prompt (sample). A run is opened where a W&B project is set (the
+recipe's `wandb_project`, or the sample stage's own), and always for sample (offline without a
+project, as the training stages); training stages and evaluate keep their own runs.
 A rerun continues the stage's run (its id is in `<stage>/tracking.json`).
 """
 
@@ -41,14 +42,16 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def examples(stage_url: str, record: ShardRecord, count: int = EXAMPLES) -> list[tuple[np.ndarray, str]]:
-    """Up to `count` (image, caption) pairs from a committed shard: a tar's samples or its PNG grids."""
+    """Up to `count` (image, caption) pairs from a committed shard: a tar's samples, or a prompt
+    shard's grid (`<shard>.png`) captioned with the prompt in `<shard>.json`."""
     from pipeline.data.shards import iter_samples
 
     out: list[tuple[np.ndarray, str]] = []
     for name in record.files:
         url = storage.join(stage_url, name)
-        if name.endswith(".png"):
-            out.append((_decode(storage.read_bytes(url)), record.shard))
+        if name == f"{record.shard}.png":
+            info = storage.read_json_or_none(storage.join(stage_url, f"{record.shard}.json")) or {}
+            out.append((_decode(storage.read_bytes(url)), info.get("prompt", record.shard)))
         elif name.endswith(".tar"):
             for sample in iter_samples(url):
                 image = next((sample[m] for m in ("jpg", "png", "webp") if m in sample), None)

@@ -49,8 +49,6 @@ class Tracker:
         self.folder = folder
         self.metrics_url = storage.join(folder, "metrics.jsonl")
         self._lines: list[str] = []
-        if project is None:
-            os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
         # W&B keeps its files on a local disk: under the stage folder when that is local, else in
         # a temporary folder copied to `<folder>/wandb/` at each flush (for `wandb sync` later)
@@ -60,6 +58,8 @@ class Tracker:
         try:
             self.run = wandb.init(
                 project=project or "dalle-pipeline",
+                # no project: offline for this run only (a later run of the same process may have one)
+                mode="offline" if project is None else None,
                 id=run_id,
                 name=name,
                 group=group,

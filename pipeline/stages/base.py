@@ -90,6 +90,9 @@ class Stage(ShardWorker):
     """Stages whose output this one reads."""
     tracks_itself: ClassVar[bool] = False
     """Its own code logs to W&B (training, evaluation); else the driver logs its shards."""
+    always_tracked: ClassVar[bool] = False
+    """The driver logs its shards to W&B even without a project (offline, under the stage folder,
+    as the training stages do): for stages whose output is looked at (the sample grids)."""
 
     def __init__(self, recipe: Recipe, output_dir: str):
         self.recipe = recipe

@@ -50,11 +50,36 @@ def _files_under(folder: str) -> dict[str, int]:
     return out
 
 
+SCRATCH = "dalle-ckpt-"
+"""Prefix of a rank's local staging folder for one save (`dalle-ckpt-<pid>-<random>`)."""
+
+
+def _sweep_orphans() -> None:
+    """Removes the staging folders of ranks that died mid-save (SIGKILL, OOM): their pid is gone.
+    A 12B save stages GBs per rank, and nothing else would ever delete them."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(SCRATCH) :].split("-", 1)[0] if name.startswith(SCRATCH) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def save(engine, ema, state: dict[str, Any], task: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
     """Saves on every rank (collective), then reports the checkpoint to Ray Train."""
     import ray.train
 
-    folder = tempfile.mkdtemp(prefix="ckpt-")
+    _sweep_orphans()
+    folder = tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-")
     try:
         engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
         if ema is not None:

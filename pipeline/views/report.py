@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import html
 import io
+import os
 from typing import Any
 
 from pipeline import storage, workflow
@@ -125,6 +126,9 @@ def _sample_section(out_dir: str, url: str) -> str:
         caption = (
             f"<b>{_e(info['prompt'])}</b><br>best {len(info['kept'])} of {info['candidates']}, top CLIP {best:.3f}"
         )
+        if "image" in info:
+            name = _e(os.path.basename(info["image"]))
+            caption += f"<br>completing the top {info['rows']} token rows of {name}"
         parts.append(_figure(src, caption, f"samples: {info['prompt']}"))
     return "".join(parts)
 
