@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser demo test lint format bench faults clean
+.PHONY: install browser demo test lint format bench peer faults clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,10 +45,23 @@ format: install
 	$(VENV)/bin/ruff check --fix pipeline tests benchmarks
 	$(VENV)/bin/ruff format pipeline tests benchmarks
 
-bench: install
+# lucidrains' dalle-pytorch for benchmarks/peer_dalle_pytorch.py, in its own folder (.peer/), without
+# its declared dependencies (torchvision, taming, DeepSpeed...; the DALLE class needs none of them)
+PEER := .peer/.installed-stamp
+$(PEER): $(STAMP)
+	$(PY) -m pip install -q --no-deps --target .peer dalle-pytorch==1.6.6 axial-positional-embedding==0.3.12 \
+	  rotary-embedding-torch==0.9.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3
+	touch $(PEER)
+
+peer: $(PEER)
+
+bench: install peer
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/encode.py
 	$(PY) benchmarks/train.py demo
+	# the demo's encoded shards (a no-op once make demo ran), then the side by side with dalle-pytorch
+	$(VENV)/bin/dalle run jobs/demo.yaml --until encode --no-progress
+	$(PY) benchmarks/peer_dalle_pytorch.py
 	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --reduce-bucket 5e7 --workers 1 --json
 	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --reduce-bucket 5e7 --workers 2 --json
 	$(PY) benchmarks/sample.py demo

@@ -102,3 +102,59 @@ def test_analyzer_verdicts_use_the_truth():
     verdict = check(np.asarray(image), p)
     assert not verdict["colour"] and verdict["shape"] and verdict["position"] and not verdict["all"]
     assert analyzer.analyze(np.asarray(image))[0].colour == "blue"
+
+
+def _scene(colour, shape, position="left"):
+    return {"colour": colour, "shape": shape, "size": "large", "position": position}
+
+
+def test_binding_confusion_and_guidance_figures_come_from_the_analyzers_reading():
+    """Rendered images read back: a red circle drawn blue, a two-object scene with its colours
+    swapped (each shape right, each colour right somewhere, binding wrong), and a blank image."""
+    import random
+
+    from pipeline.stages.evaluate import by_objects, confusion, guidance_curve, read_and_check
+
+    rng = random.Random(5)
+    one = Prompt("seen-one", "a large red circle on the left", (_scene("red", "circle"),))
+    two = Prompt(
+        "seen-two",
+        "a large red square to the left of a large blue star",
+        (_scene("red", "square", "left"), _scene("blue", "star", "right")),
+        "to the left of",
+    )
+    images = {
+        "right": render(list(one.objects), 64, rng)[0],
+        "blue": render([_scene("blue", "circle")], 64, rng)[0],
+        "swapped": render([_scene("blue", "square", "left"), _scene("red", "star", "right")], 64, rng)[0],
+        "bound": render(list(two.objects), 64, rng)[0],
+    }
+    blank = np.full((64, 64, 3), 30, dtype=np.uint8)
+
+    def candidate(image, prompt):
+        found, checks = read_and_check(np.asarray(image), prompt)
+        return {"score": 0.0, "found": found, "checks": checks}
+
+    records = [
+        {"prompt": one.to_dict(), "guidance": 1.0, "kept": [0, 1, 2],
+         "candidates": [candidate(images["right"], one), candidate(images["blue"], one), candidate(blank, one)]},
+        {"prompt": two.to_dict(), "guidance": 1.0, "kept": [1],
+         "candidates": [candidate(images["swapped"], two), candidate(images["bound"], two)]},
+    ]  # fmt: skip
+    swapped = records[1]["candidates"][0]["checks"]
+    assert swapped["shape"] and swapped["count"] and not swapped["binding"] and not swapped["all"]
+    assert records[1]["candidates"][1]["checks"]["binding"]
+
+    objects = by_objects(records)
+    assert objects["1"] == {"prompts": 1, "before_binding": 0.3333, "after_binding": 0.3333,
+                            "before_all": 0.3333, "after_all": 0.3333}  # fmt: skip
+    assert objects["2"]["before_binding"] == 0.5 and objects["2"]["after_binding"] == 1.0
+    table = confusion(records)
+    assert table["colour"] == {"red": {"red": 1, "blue": 1, "none": 1}}
+    assert table["shape"] == {"circle": {"circle": 2, "none": 1}}
+
+    sweep = [{**records[0], "guidance": 3.0, "kept": [0]}, {**records[0], "kept": [1]}]
+    assert guidance_curve(sweep) == [
+        {"guidance": 1.0, "prompts": 1, "before_all": 0.3333, "after_all": 0.0},
+        {"guidance": 3.0, "prompts": 1, "before_all": 0.3333, "after_all": 1.0},
+    ]

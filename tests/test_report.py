@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline.stages.evaluate import accuracy, check
 from pipeline.synthetic.dataset import render
 from pipeline.synthetic.prompts import Prompt
-from pipeline.views.report import _pct
+from pipeline.views.page import pct
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +36,8 @@ EVALUATE = {
     "heldout_two": 1,
     "paraphrased": 2,
     "grid_prompts": 2,
+    "guidance_sweep": [1.0, 3.0],
+    "sweep_prompts": 1,
 }
 
 
@@ -112,9 +114,10 @@ def test_report_images_exist_and_accuracy_is_measured(full):
     assert all(row[1] == "complete" for row in stages.values())
 
     # every kept image's verdict in the shard records is the analyzer's on the committed grid's pixels
-    records = _records(out / "evaluate")
-    assert len(records) == 10
-    for shard, rec in zip(committed(out / "evaluate"), records):
+    everything = _records(out / "evaluate")
+    records = [r for r in everything if not r.get("sweep")]
+    assert len(records) == 10 and len(everything) == 10 + 2 * 2  # the sweep: 2 scales x 2 one-object prompts
+    for shard, rec in zip(committed(out / "evaluate"), everything):
         grid = np.asarray(Image.open(out / "evaluate" / f"{shard}.png").convert("RGB"))
         prompt = Prompt.from_dict(rec["prompt"])
         assert len(rec["candidates"]) == 6 and len(rec["kept"]) == 2
@@ -139,8 +142,19 @@ def test_report_images_exist_and_accuracy_is_measured(full):
     for row in table[1:]:
         group = metrics["groups"][row[0]]
         assert row[1] == str(group["prompts"])
-        assert row[2:4] == [_pct(group["before"]["all"]), _pct(group["after"]["all"])]
+        assert row[2:4] == [pct(group["before"]["all"]), pct(group["after"]["all"])]
         assert row[-2:] == [f"{group['clip_score']:.3f}", f"{group['clip_score_kept']:.3f}"]
+
+    # binding by object count, the confusion of the kept one-object images, the guidance sweep
+    assert {"report/objects.png", "report/guidance.png"} <= set(page.images)
+    assert [row[0] for row in page.tables["objects"][1:]] == ["1", "2"]
+    assert [row[1] for row in page.tables["objects"][1:]] == ["7", "3"]
+    for attr in ("colour", "shape"):
+        cells = [int(c) for row in page.tables[f"confusion-{attr}"][1:] for c in row[1:]]
+        assert sum(cells) == 7 * 2  # seen-one 3 + heldout-one 2 + paraphrased 2 prompts, 2 kept each
+    assert [row[:2] for row in page.tables["guidance"][1:]] == [["1", "2"], ["3", "2"]]
+    sweep = {p["guidance"]: p for p in metrics["guidance_sweep"]}
+    assert page.tables["guidance"][2][3] == pct(sweep[3.0]["after_all"])
 
 
 def _screenshot(page, png, height: int = 4000):

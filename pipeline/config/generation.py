@@ -103,9 +103,18 @@ class EvaluateSection(GenerationSection):
     """Seed of the prompt set (which scenes, which phrasings)."""
     grid_prompts: int = Field(8, ge=0)
     """Prompts per group shown as grids in the report."""
+    guidance_sweep: tuple[float, ...] = ()
+    """Guidance scales at which the first `sweep_prompts` seen-one and heldout-one prompts are drawn
+    again: whole-caption accuracy against the scale in `metrics.json` and the report. Empty: none."""
+    sweep_prompts: int = Field(4, ge=1)
+    """Prompts of each one-object group in the guidance sweep."""
 
     @model_validator(mode="after")
     def _some(self) -> EvaluateSection:
         if not (self.seen_one + self.heldout_one + self.seen_two + self.heldout_two + self.paraphrased):
             raise ValueError("the prompt set is empty: every group count is 0")
+        if any(not 0 <= s <= 100 for s in self.guidance_sweep):
+            raise ValueError(f"guidance_sweep: every scale must be in [0, 100], got {list(self.guidance_sweep)}")
+        if self.guidance_sweep and not self.seen_one + self.heldout_one:
+            raise ValueError("guidance_sweep needs one-object prompts (seen_one or heldout_one > 0)")
         return self

@@ -1,14 +1,19 @@
 """evaluate: generate for a fixed prompt set in the synthetic vocabulary and check every image
 against the prompt's ground truth with `pipeline.synthetic.analyzer`.
 
-One shard per prompt (`<shard>.json`: every candidate's CLIP score and per-attribute checks, and
-which were kept; `<shard>.png`: the kept images). `metrics.json` holds, per prompt group, the
-per-attribute and whole-caption accuracy over all candidates ("before" reranking) and over the
-kept ones ("after"), and the mean CLIP scores; the same figures go to W&B.
+One shard per prompt (`<shard>.json`: every candidate's CLIP score, what the analyzer read from it
+and its per-attribute checks, and which were kept; `<shard>.png`: the kept images). `metrics.json`
+holds, per prompt group, the per-attribute and whole-caption accuracy over all candidates ("before"
+reranking) and over the kept ones ("after") and the mean CLIP scores; binding and whole-caption
+accuracy by the number of objects in the prompt (seed 001: success falls as objects are added);
+the colour and shape confusion of the kept one-object images (prompted against read); and, with
+`guidance_sweep`, whole-caption accuracy of the one-object prompts at each guidance scale. The
+accuracy figures go to W&B.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,19 +32,34 @@ from pipeline.synthetic import analyzer
 from pipeline.synthetic.dataset import heldout_pairs
 from pipeline.synthetic.prompts import GROUPS, Prompt, evaluation_prompts
 
-CHECKS = ("colour", "shape", "size", "position", "count", "relation", "all")
+CHECKS = ("colour", "shape", "size", "position", "count", "relation", "binding", "all")
+"""Per image: each attribute of every object, the object count, the pair's relation, `binding`
+(every object has both its colour and its shape: attributes bound to the right object) and all."""
+READ = ("colour", "shape", "size", "position")
+UNREAD = "none"
+"""What the confusion tables call an image in which the analyzer found no object."""
+
+
+def read_and_check(image: np.ndarray, prompt: Prompt) -> tuple[list[list[str]], dict[str, bool]]:
+    """What the analyzer reads from one generated image (each object's attributes, `READ` order) and
+    its per-attribute verdict for `prompt`."""
+    found = analyzer.analyze(image)
+    checks = analyzer.score(found, prompt.objects, prompt.relation)
+    checks["binding"] = checks["colour"] and checks["shape"]
+    return [[getattr(f, a) for a in READ] for f in found], checks
 
 
 def check(image: np.ndarray, prompt: Prompt) -> dict[str, bool]:
     """The analyzer's per-attribute verdict on one generated image for `prompt`."""
-    return analyzer.score(analyzer.analyze(image), prompt.objects, prompt.relation)
+    return read_and_check(image, prompt)[1]
 
 
 @dataclass(frozen=True)
 class EvaluateTask(ShardTask):
-    """One prompt of the evaluation set."""
+    """One prompt of the evaluation set; `guidance` set for a prompt of the guidance sweep."""
 
     prompt: Prompt
+    guidance: float | None = None
 
 
 def evaluate_prompt(
@@ -49,15 +69,12 @@ def evaluate_prompt(
     kept images' grid."""
     result = gen.generate(prompt.text, candidates, sampling)
     kept = result.best(top)
-    record = {
-        "prompt": prompt.to_dict(),
-        "kept": [int(i) for i in kept],
-        "candidates": [
-            {"score": round(float(s), 6), "checks": check(image, prompt)}
-            for s, image in zip(result.scores, result.images)
-        ],
-    }
-    return record, tile(result.images[kept], len(kept))
+    candidates = []
+    for score, image in zip(result.scores, result.images):
+        found, checks = read_and_check(image, prompt)
+        candidates.append({"score": round(float(score), 6), "found": found, "checks": checks})
+    record = {"prompt": prompt.to_dict(), "guidance": sampling.guidance, "kept": [int(i) for i in kept]}
+    return {**record, "candidates": candidates}, tile(result.images[kept], len(kept))
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -85,6 +102,52 @@ def accuracy(records: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
+def by_objects(records: Sequence[dict]) -> dict[str, Any]:
+    """Binding and whole-caption accuracy before and after reranking, by the prompts' object count."""
+    out = {}
+    for n in sorted({len(r["prompt"]["objects"]) for r in records}):
+        recs = [r for r in records if len(r["prompt"]["objects"]) == n]
+        every = [c["checks"] for r in recs for c in r["candidates"]]
+        kept = [r["candidates"][i]["checks"] for r in recs for i in r["kept"]]
+        out[str(n)] = {
+            "prompts": len(recs),
+            **{
+                f"{when}_{k}": _mean([c[k] for c in cs])
+                for when, cs in (("before", every), ("after", kept))
+                for k in ("binding", "all")
+            },
+        }
+    return out
+
+
+def confusion(records: Sequence[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """For colour and shape: prompted -> read -> count over the kept images of one-object prompts
+    (read `UNREAD` when the analyzer found nothing; the largest object when it found two)."""
+    out: dict[str, dict[str, dict[str, int]]] = {"colour": {}, "shape": {}}
+    for r in records:
+        if len(r["prompt"]["objects"]) != 1:
+            continue
+        truth = r["prompt"]["objects"][0]
+        for i in r["kept"]:
+            found = r["candidates"][i]["found"]
+            for attr, table in out.items():
+                read = found[0][READ.index(attr)] if found else UNREAD
+                row = table.setdefault(truth[attr], {})
+                row[read] = row.get(read, 0) + 1
+    return out
+
+
+def guidance_curve(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per guidance scale of the sweep: prompts and whole-caption accuracy before and after reranking."""
+    out = []
+    for scale in sorted({r["guidance"] for r in records}):
+        recs = [r for r in records if r["guidance"] == scale]
+        every = [c["checks"]["all"] for r in recs for c in r["candidates"]]
+        kept = [r["candidates"][i]["checks"]["all"] for r in recs for i in r["kept"]]
+        out.append({"guidance": scale, "prompts": len(recs), "before_all": _mean(every), "after_all": _mean(kept)})
+    return out
+
+
 def flat(metrics: dict[str, Any]) -> dict[str, float]:
     """`accuracy`'s nesting as "group/before/all" keys (W&B), without empty cells."""
     out = {}
@@ -103,7 +166,12 @@ class EvaluateStage(GenerationStage):
     tracks_itself = True
 
     def draw(self, gen: ImageGenerator, task: EvaluateTask, attempt: Attempt) -> None:
-        record, grid = evaluate_prompt(gen, task.prompt, self.cfg.candidates, self.cfg.top, self.sampling())
+        sampling = self.sampling()
+        if task.guidance is not None:
+            sampling = dataclasses.replace(sampling, guidance=task.guidance)
+        record, grid = evaluate_prompt(gen, task.prompt, self.cfg.candidates, self.cfg.top, sampling)
+        if task.guidance is not None:
+            record["sweep"] = True
         attempt.write(f"{task.shard}.json", json.dumps(record).encode())
         attempt.write(f"{task.shard}.png", png_bytes(grid))
 
@@ -113,18 +181,37 @@ class EvaluateStage(GenerationStage):
         held = heldout_pairs(self.recipe.ingest.synthetic)
         return evaluation_prompts(held, seed=cfg.prompt_seed, **{k: getattr(cfg, k) for k in counts})
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def tasks(self) -> list[EvaluateTask]:
+        """The prompt set, then each one-object prompt of the sweep at each scale of `guidance_sweep`."""
         prompts = self.prompts()
-        self.run_prompts(ctx, [EvaluateTask(f"{i:05d}", p) for i, p in enumerate(prompts)])
+        tasks = [EvaluateTask(f"{i:05d}", p) for i, p in enumerate(prompts)]
+        n = self.cfg.sweep_prompts
+        swept = [p for group in ("seen-one", "heldout-one") for p in [q for q in prompts if q.group == group][:n]]
+        for scale in self.cfg.guidance_sweep:
+            tasks += [EvaluateTask(f"{len(tasks) + i:05d}", p, float(scale)) for i, p in enumerate(swept)]
+        return tasks
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        tasks = self.tasks()
+        self.run_prompts(ctx, tasks)
         records = [record for _, record in shard_records(self.url)]
-        metrics = {"candidates": self.cfg.candidates, "top": self.cfg.top, "groups": accuracy(records)}
+        main = [r for r in records if not r.get("sweep")]
+        metrics = {
+            "candidates": self.cfg.candidates,
+            "top": self.cfg.top,
+            "guidance": self.cfg.guidance,
+            "groups": accuracy(main),
+            "objects": by_objects(main),
+            "confusion": confusion(main),
+            "guidance_sweep": guidance_curve([r for r in records if r.get("sweep")]),
+        }
         storage.write_json(storage.join(self.url, "metrics.json"), metrics)
         self.track(metrics["groups"])
         overall = metrics["groups"]["overall"]
         return {
-            "shards": len(prompts),
-            "samples_in": len(prompts) * self.cfg.candidates,
-            "samples_out": len(prompts) * self.cfg.top,
+            "shards": len(tasks),
+            "samples_in": len(tasks) * self.cfg.candidates,
+            "samples_out": len(tasks) * self.cfg.top,
             "accuracy_before": overall["before"]["all"],
             "accuracy_after": overall["after"]["all"],
         }

@@ -25,13 +25,14 @@ from pipeline.config.recipe import Recipe
 from pipeline.errors import one_line
 from pipeline.observe.tracking import read_metrics
 from pipeline.stages.base import StageStatus, TrainingProgress
-from pipeline.views.report import _STYLE, CURVES, _e, _figure, loss_curves
+from pipeline.views.page import STYLE, e, figure
+from pipeline.views.report import CURVES, loss_curves
 
 REFRESH_S = 5
 TRAINED = ("dvae", "clip", "train")
 GRID_STAGES = ("sample", "evaluate")
 STYLE = (
-    _STYLE
+    STYLE
     + """
 td.complete { background: #c6efce; } td.partial { background: #ffe699; }
 td.failed { background: #ffc7ce; } td.pending { background: #ededed; } td.progress { text-align: left; }
@@ -150,8 +151,8 @@ def _data_uri(png: bytes) -> str:
 
 def _link(url: str | None, text: str) -> str:
     if url and url.startswith(("http://", "https://")):
-        return f"<a href='{_e(url)}'>{_e(text)}</a>"
-    return _e(text)
+        return f"<a href='{e(url)}'>{e(text)}</a>"
+    return e(text)
 
 
 def _when(ts: float | None) -> str:
@@ -168,7 +169,7 @@ def _progress_cell(row: dict) -> str:
         done = total = max(done, 1)
     fraction = min(1.0, done / total) if total else 0.0
     text = f"{done}/{'?' if total is None else total} {unit}"
-    return f"<div class='bar'><div style='width:{100 * fraction:.0f}%'></div></div>{_e(text)}"
+    return f"<div class='bar'><div style='width:{100 * fraction:.0f}%'></div></div>{e(text)}"
 
 
 def _stage_table(rows: list[dict]) -> str:
@@ -177,9 +178,9 @@ def _stage_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         rate = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:,.1f}"
-        cells = [f"<td>{_e(r['stage'])}</td>", f"<td class='{_e(r['state'])}'>{_e(r['state'])}</td>"]
+        cells = [f"<td>{e(r['stage'])}</td>", f"<td class='{e(r['state'])}'>{e(r['state'])}</td>"]
         cells.append(f"<td class='progress'>{_progress_cell(r)}</td>")
-        cells += [f"<td>{_e(c)}</td>" for c in (r["samples_in"], r["samples_out"], rate, _when(r["last_update"]))]
+        cells += [f"<td>{e(c)}</td>" for c in (r["samples_in"], r["samples_out"], rate, _when(r["last_update"]))]
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table id='stages'>{head}{''.join(body)}</table>"
 
@@ -188,7 +189,7 @@ def _failures(failures: list[dict]) -> str:
     if not failures:
         return "<p class='missing'>no failed shards</p>"
     rows = "".join(
-        "<tr>" + "".join(f"<td>{_e(f[k])}</td>" for k in ("stage", "shard", "error")) + "</tr>" for f in failures
+        "<tr>" + "".join(f"<td>{e(f[k])}</td>" for k in ("stage", "shard", "error")) + "</tr>" for f in failures
     )
     return f"<table id='failures'><tr><th>stage</th><th>shard</th><th>error</th></tr>{rows}</table>"
 
@@ -198,10 +199,10 @@ def _links(facts: dict[str, Any]) -> str:
     items = [f"Ray dashboard: {_link(ray, ray)}" if ray else "no Ray dashboard given (--address)"]
     for run in facts["wandb"]:
         if run.get("url"):
-            items.append(f"{_e(run['stage'])}: W&amp;B run {_link(run['url'], run['name'])}")
+            items.append(f"{e(run['stage'])}: W&amp;B run {_link(run['url'], run['name'])}")
         else:
-            sync = f"<code>wandb sync {_e(run['dir'])}</code>"
-            items.append(f"{_e(run['stage'])}: offline run {_e(run['run_id'])}: {sync}")
+            sync = f"<code>wandb sync {e(run['dir'])}</code>"
+            items.append(f"{e(run['stage'])}: offline run {e(run['run_id'])}: {sync}")
     return "<ul id='links'>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
@@ -211,7 +212,7 @@ def build_page(recipe: Recipe, ray_dashboard: str | None = None) -> str:
     refresh = f"<meta http-equiv='refresh' content='{REFRESH_S}'>" if facts["refresh_s"] else ""
     state = f"reloads every {REFRESH_S} s while the run is going" if refresh else "every stage complete"
     built = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    body = [f"<h1>{_e(facts['name'])}</h1><p>{_e(facts['output_dir'])} &middot; built {built} &middot; {state}</p>"]
+    body = [f"<h1>{e(facts['name'])}</h1><p>{e(facts['output_dir'])} &middot; built {built} &middot; {state}</p>"]
     body += [_links(facts), "<h2>Stages</h2>", _stage_table(facts["stages"]), "<h2>Failures</h2>"]
     body.append(_failures(facts["failures"]))
     body.append("<h2>Latest samples</h2>")
@@ -219,15 +220,15 @@ def build_page(recipe: Recipe, ray_dashboard: str | None = None) -> str:
     if grid is None:
         body.append("<p class='missing'>no samples yet</p>")
     else:
-        prompt = f"<b>{_e(grid['prompt'])}</b><br>" if grid["prompt"] else ""
-        img = f"<img id='latest-grid' src='{_data_uri(storage.read_bytes(grid['url']))}' alt='{_e(grid['caption'])}'>"
-        body.append(f"<figure>{img}<figcaption>{prompt}{_e(grid['caption'])}</figcaption></figure>")
+        prompt = f"<b>{e(grid['prompt'])}</b><br>" if grid["prompt"] else ""
+        img = f"<img id='latest-grid' src='{_data_uri(storage.read_bytes(grid['url']))}' alt='{e(grid['caption'])}'>"
+        body.append(f"<figure>{img}<figcaption>{prompt}{e(grid['caption'])}</figcaption></figure>")
     body.append("<h2>Training curves</h2>")
     curves = _curves_png(facts["metrics_sizes"], {s: runs[s] for s, _ in CURVES if s in runs}, facts["output_dir"])
-    body.append(_figure(_data_uri(curves), "", "loss curves", "plot") if curves else "")
+    body.append(figure(_data_uri(curves), "", "loss curves", "plot") if curves else "")
     body.append("" if curves else "<p class='missing'>no training metrics yet</p>")
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'>{refresh}<title>{_e(facts['name'])} dashboard</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'>{refresh}<title>{e(facts['name'])} dashboard</title>"
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     )
 

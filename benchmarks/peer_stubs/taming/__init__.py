@@ -1,0 +1,1 @@
+"""Stand-in for taming-transformers (see benchmarks/peer_stubs/README.md)."""
