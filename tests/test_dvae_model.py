@@ -246,6 +246,14 @@ def test_short_run_options_straight_through_usage_and_mse(small):
         expected = unmap_pixels(torch.sigmoid(small.decoder.forward_tokens(hard)[:, :3]))
     torch.testing.assert_close(st.recon, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(st.recon, plain.recon)
+    # without Gumbel noise the decoder sees the argmax codes the dVAE gives at encode time
+    quiet = small(x, **base, generator=torch.Generator().manual_seed(3), straight_through=True, noise=0.0)
+    with torch.no_grad():
+        encoded = unmap_pixels(
+            torch.sigmoid(small.decoder.forward_tokens(small.tokens(x).view(-1, *hard.shape[1:]))[:, :3])
+        )
+    torch.testing.assert_close(quiet.recon, encoded, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(hard, st.logits.argmax(dim=1))  # full noise: not the argmax codes
     # ... and the encoder still gets gradients through the relaxed sample
     small.zero_grad()
     st.loss.backward()

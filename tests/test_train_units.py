@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config.models import DVAESection, TrainConfig
-from pipeline.stages.dvae import codebook_stats, schedules
+from pipeline.stages.dvae import codebook_stats, noise_scale, schedules
 from pipeline.train.ema import EMA, merged_tensors, reshard
 from pipeline.train.engine import deepspeed_config, merge
 from pipeline.train.evaluation import sharded_means, share
@@ -37,6 +37,10 @@ def test_dvae_schedules_are_the_papers():
     assert kl == pytest.approx(6.6) and 1 / 16 < t < 1.0
     assert schedules(cfg, 150_000) == (pytest.approx(1 / 16), pytest.approx(6.6))
     assert schedules(cfg, 75_000)[0] == pytest.approx((1 + 1 / 16) / 2)
+    # the paper's noise stays full; a short run can anneal it towards the argmax codes
+    assert noise_scale(cfg, 10**6) == 1.0
+    short = DVAESection(temperature_steps=100, gumbel_noise_end=0.0)
+    assert (noise_scale(short, 0), noise_scale(short, 50), noise_scale(short, 100)) == (1.0, pytest.approx(0.5), 0.0)
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_min():

@@ -150,6 +150,10 @@ class DVAESection(Config):
     straight_through: bool = False
     """Feed the decoder the one-hot argmax of the Gumbel sample (straight-through gradients) instead
     of the relaxed sample (the paper): it trains on the codes it decodes later. For short runs."""
+    gumbel_noise_end: float = Field(1.0, ge=0, le=1)
+    """Scale of the Gumbel noise after `temperature_steps` (cosine from 1). Below 1 the sampled
+    codes approach the argmax codes the dVAE gives at encode time, so with `straight_through` the
+    decoder ends up trained on the codes it will decode. 1: the paper's (full noise throughout)."""
     usage_weight: float = Field(0.0, ge=0)
     """Reward for using the whole codebook: minus this times the normalised entropy of the batch's
     mean code distribution (0 in the paper; short runs collapse onto a few codes without it)."""

@@ -219,14 +219,16 @@ class DVAE(nn.Module):
         straight_through: bool = False,
         usage_weight: float = 0.0,
         mse_weight: float = 0.0,
+        noise: float = 1.0,
     ) -> DVAEOutput:
         """The loss of a batch of [0,1] images. The paper's is the default: relaxed Gumbel-softmax codes into the
         decoder, logit-Laplace NLL + `kl_weight` x KL. `straight_through` feeds the decoder the one-hot argmax of the
         Gumbel sample (gradients through the relaxed one), so it trains on the codes it decodes at inference;
         `usage_weight` subtracts that much of the normalised entropy of the batch's mean code distribution (keeps
         the codebook in use); `mse_weight` adds that much pixel MSE of the reconstruction (weighs the objects
-        against a noisy background). The last three are for short runs on small data, where the paper's loss
-        collapses onto a few codes."""
+        against a noisy background); `noise` scales the Gumbel noise (1: a sample of the code distribution, 0:
+        its argmax). The last four are for short runs on small data, where the paper's loss collapses onto a few
+        codes."""
         x = map_pixels(x01.float())
         logits = self.encoder(x.to(self._dtype)).float()
         # Gumbel-softmax relaxation; the noise comes from `generator` so steps are reproducible.
@@ -234,7 +236,7 @@ class DVAE(nn.Module):
         u = torch.rand(logits.shape, generator=generator, device=device).to(logits.device)
         fi = torch.finfo(u.dtype)
         u = u.clamp(fi.tiny, 1 - fi.eps)  # keeps -log(-log(u)) finite
-        soft = F.softmax((logits - torch.log(-torch.log(u))) / temperature, dim=1)
+        soft = F.softmax((logits - noise * torch.log(-torch.log(u))) / temperature, dim=1)
         codes = soft
         if straight_through:
             hard = F.one_hot(soft.argmax(dim=1), soft.shape[1]).permute(0, 3, 1, 2).to(soft.dtype)

@@ -31,6 +31,11 @@ def schedules(cfg: DVAESection, step: int) -> tuple[float, float]:
     return temperature, cosine(0.0, cfg.kl_weight, step, cfg.kl_steps)
 
 
+def noise_scale(cfg: DVAESection, step: int) -> float:
+    """The Gumbel noise's scale at `step`: cosine from 1 to `gumbel_noise_end` over `temperature_steps`."""
+    return cosine(1.0, cfg.gumbel_noise_end, step, cfg.temperature_steps)
+
+
 def codebook_stats(logits: torch.Tensor) -> dict[str, float]:
     """Perplexity of the batch's mean code distribution and the fraction of codes used by argmax."""
     k = logits.shape[1]
@@ -77,7 +82,7 @@ class DVAETask:
 
     def loss(self, engine, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         temperature, kl_weight = schedules(self.cfg, step)
-        cfg = self.cfg
+        cfg, noise = self.cfg, noise_scale(self.cfg, step)
         out = engine(
             batch["images"],
             temperature,
@@ -86,8 +91,10 @@ class DVAETask:
             straight_through=cfg.straight_through,
             usage_weight=cfg.usage_weight,
             mse_weight=cfg.mse_weight,
+            noise=noise,
         )
         stats = {"nll": float(out.nll), "kl": float(out.kl), "temperature": temperature, "kl_weight": kl_weight}
+        stats["gumbel_noise"] = noise
         return out.loss, {**stats, **codebook_stats(out.logits.detach())}
 
     def evaluate(self, model: nn.Module, held: list[np.ndarray], device: torch.device) -> tuple[dict, dict]:
