@@ -158,3 +158,19 @@ def test_binding_confusion_and_guidance_figures_come_from_the_analyzers_reading(
         {"guidance": 1.0, "prompts": 1, "before_all": 0.3333, "after_all": 0.0},
         {"guidance": 3.0, "prompts": 1, "before_all": 0.3333, "after_all": 1.0},
     ]
+
+
+def test_the_guidance_sweep_draws_the_first_one_object_prompts_again_at_each_scale(tmp_path):
+    from pipeline.config.recipe import load_recipe
+    from pipeline.stages.evaluate import EvaluateStage
+
+    overrides = ["evaluate.guidance_sweep=[1.0, 4.0]", "evaluate.sweep_prompts=2", f"output_dir={tmp_path}"]
+    recipe = load_recipe("jobs/demo.yaml", overrides)
+    stage = EvaluateStage(recipe, str(tmp_path))
+    tasks = stage.tasks()
+    prompts = stage.prompts()
+    main, sweep = tasks[: len(prompts)], tasks[len(prompts) :]
+    assert [t.prompt for t in main] == prompts and all(t.guidance is None for t in main)
+    assert [t.shard for t in tasks] == [f"{i:05d}" for i in range(len(prompts) + 8)]
+    first = [p for g in ("seen-one", "heldout-one") for p in [q for q in prompts if q.group == g][:2]]
+    assert [(t.prompt, t.guidance) for t in sweep] == [(p, s) for s in (1.0, 4.0) for p in first]
