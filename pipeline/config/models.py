@@ -157,10 +157,6 @@ class DVAESection(Config):
     usage_weight: float = Field(0.0, ge=0)
     """Reward for using the whole codebook: minus this times the normalised entropy of the batch's
     mean code distribution (0 in the paper; short runs collapse onto a few codes without it)."""
-    confidence_weight: float = Field(0.0, ge=0)
-    """Penalty on the normalised entropy of each position's code distribution (0 in the paper):
-    with `usage_weight`, rewards sure codes and a used codebook (their mutual information)
-    rather than flat distributions whose sampled codes the decoder cannot read."""
     mse_weight: float = Field(0.0, ge=0)
     """Pixel MSE of the reconstruction added to the loss with this weight (0 in the paper); makes
     small objects count against a noisy background in short runs."""

@@ -170,14 +170,6 @@ def usage_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p + 1e-10)).sum() / math.log(logits.shape[1])
 
 
-def code_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's code distribution, averaged over the batch and the grid, over log K
-    (0 = every position sure of its code). With `usage_entropy` it makes the mutual information of
-    codes and images: sure codes, the whole codebook in use."""
-    logq = F.log_softmax(logits.float(), dim=1)
-    return -(logq.exp() * logq).sum(dim=1).mean() / math.log(logits.shape[1])
-
-
 @dataclass
 class DVAEOutput:
     loss: torch.Tensor
@@ -228,7 +220,6 @@ class DVAE(nn.Module):
         usage_weight: float = 0.0,
         mse_weight: float = 0.0,
         noise: float = 1.0,
-        confidence_weight: float = 0.0,
     ) -> DVAEOutput:
         """The loss of a batch of [0,1] images. The paper's is the default: relaxed Gumbel-softmax codes into the
         decoder, logit-Laplace NLL + `kl_weight` x KL. `straight_through` feeds the decoder the one-hot argmax of the
@@ -263,8 +254,6 @@ class DVAE(nn.Module):
             loss = loss + mse_weight * ((recon - x01.float()) ** 2).mean()
         if usage_weight:
             loss = loss - usage_weight * usage_entropy(logits)
-        if confidence_weight:
-            loss = loss + confidence_weight * code_entropy(logits)
         return DVAEOutput(loss=loss, nll=nll, kl=kl, recon=recon.detach(), logits=logits)
 
     @torch.no_grad()

@@ -90,7 +90,6 @@ class DVAETask:
             generator,
             straight_through=cfg.straight_through,
             usage_weight=cfg.usage_weight,
-            confidence_weight=cfg.confidence_weight,
             mse_weight=cfg.mse_weight,
             noise=noise,
         )
