@@ -153,6 +153,7 @@ TINY = {
         "n_hid": 32,
         "n_init": 32,
         "temperature_steps": 40,
+        "gumbel_noise_end": 1.0,
         "kl_steps": 50,
         "reconstructions": 8,
         "train": {
