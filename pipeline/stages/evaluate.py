@@ -81,6 +81,13 @@ def _mean(values: Sequence[float]) -> float | None:
     return round(float(np.mean(values)), 4) if len(values) else None
 
 
+def _candidates(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """Every candidate of `records`, and the kept ones ("before" and "after" reranking)."""
+    every = [c for r in records for c in r["candidates"]]
+    kept = [r["candidates"][i] for r in records for i in r["kept"]]
+    return every, kept
+
+
 def accuracy(records: Sequence[dict]) -> dict[str, Any]:
     """Per group (and "overall"): prompts, accuracy per check over all candidates ("before") and over
     the kept ones ("after"), mean CLIP score of all and of the kept candidates."""
@@ -90,8 +97,7 @@ def accuracy(records: Sequence[dict]) -> dict[str, Any]:
     order = [g for g in GROUPS if g in groups] + sorted(set(groups) - set(GROUPS))
     out = {}
     for name, recs in [(g, groups[g]) for g in order] + [("overall", list(records))]:
-        every = [c for r in recs for c in r["candidates"]]
-        kept = [r["candidates"][i] for r in recs for i in r["kept"]]
+        every, kept = _candidates(recs)
         out[name] = {
             "prompts": len(recs),
             "before": {k: _mean([c["checks"][k] for c in every if k in c["checks"]]) for k in CHECKS},
@@ -107,12 +113,11 @@ def by_objects(records: Sequence[dict]) -> dict[str, Any]:
     out = {}
     for n in sorted({len(r["prompt"]["objects"]) for r in records}):
         recs = [r for r in records if len(r["prompt"]["objects"]) == n]
-        every = [c["checks"] for r in recs for c in r["candidates"]]
-        kept = [r["candidates"][i]["checks"] for r in recs for i in r["kept"]]
+        every, kept = _candidates(recs)
         out[str(n)] = {
             "prompts": len(recs),
             **{
-                f"{when}_{k}": _mean([c[k] for c in cs])
+                f"{when}_{k}": _mean([c["checks"][k] for c in cs])
                 for when, cs in (("before", every), ("after", kept))
                 for k in ("binding", "all")
             },
@@ -142,9 +147,9 @@ def guidance_curve(records: Sequence[dict]) -> list[dict[str, Any]]:
     out = []
     for scale in sorted({r["guidance"] for r in records}):
         recs = [r for r in records if r["guidance"] == scale]
-        every = [c["checks"]["all"] for r in recs for c in r["candidates"]]
-        kept = [r["candidates"][i]["checks"]["all"] for r in recs for i in r["kept"]]
-        out.append({"guidance": scale, "prompts": len(recs), "before_all": _mean(every), "after_all": _mean(kept)})
+        every, kept = _candidates(recs)
+        before, after = (_mean([c["checks"]["all"] for c in cs]) for cs in (every, kept))
+        out.append({"guidance": scale, "prompts": len(recs), "before_all": before, "after_all": after})
     return out
 
 
