@@ -1,29 +1,37 @@
-"""Training-step throughput of the DALL·E transformer: tokens/s and MFU, FlexAttention block
-masks against dense masked SDPA on the same model and batch, printed as JSON with the device.
+"""Training-step throughput of the DALL·E transformer through the train stage's DeepSpeed engine
+(world of one, bf16 on a GPU): tokens/s, MFU and peak memory, FlexAttention block masks against
+dense masked SDPA on the same model and batch, with and without compiled blocks; JSON with the device.
 
     .venv/bin/python benchmarks/train.py demo --micro-batch 8              # CPU here
-    python benchmarks/train.py small --micro-batch 16 --attention both     # a GPU: bf16, flex vs sdpa
+    python benchmarks/train.py small --micro-batch 16 --compile both       # a GPU: flex vs sdpa
     python benchmarks/train.py 1.3b --micro-batch 8 --checkpoint-activations
 
-One process, one device: the model's forward + backward + a fused AdamW step on random tokens
-(the sequence geometry is the paper's: 256 text + 32x32 image tokens; the demo preset uses
-jobs/demo.yaml's: 32 text + 16x16 image tokens). MFU = model FLOPs per token (`flops_per_token`,
-no recomputation counted) x tokens/s / the device's dense bf16 peak. FlexAttention has no CPU
+The model, the engine (`pipeline.train.engine`: DeepSpeed's fused AdamW and bf16 on GPU, torch's
+AdamW in fp32 on CPU) and the micro-step (`pipeline.train.loop.micro_step`) are the train stage's,
+fed random tokens of the paper's geometry (256 text + 32x32 image tokens; the demo preset uses
+jobs/demo.yaml's: 32 text + 16x16). MFU = model FLOPs per token (`flops_per_token`, no
+recomputation counted) x tokens/s / the device's dense bf16 peak. FlexAttention has no CPU
 backward in torch 2.13, so on CPU only SDPA is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from local_rank import compiled_blocks, device_name, stage_engine
 
+from pipeline.config.models import TransformerTrainConfig
 from pipeline.config.recipe import load_recipe
-from pipeline.models.transformer import Dalle, flops_per_token, param_count, preset
+from pipeline.models.transformer import flops_per_token, param_count, preset
+from pipeline.stages.train import TransformerTask
+from pipeline.train.engine import autocast_dtype
+from pipeline.train.loop import micro_step, window_means
 from pipeline.train.throughput import peak_flops
 
 _DEMO = load_recipe(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml")
@@ -38,47 +46,59 @@ GEOMETRY = {
 }
 
 
-def measure(args: argparse.Namespace, attention: str, device: torch.device) -> dict:
+def measure(args: argparse.Namespace, attention: str, compiled: bool, device: torch.device) -> dict:
     geometry = GEOMETRY["demo" if args.preset == "demo" else "paper"]
     cfg = preset(args.preset, attention=attention, checkpoint_activations=args.checkpoint_activations, **geometry)
-    torch.manual_seed(0)
-    model = Dalle(cfg).to(device).train()
+    task = TransformerTask({"model": cfg.to_dict()})
     on_gpu = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
-    text = torch.randint(1, cfg.text_vocab, (args.micro_batch, cfg.text_len), device=device)
-    image = torch.randint(0, cfg.image_vocab, (args.micro_batch, cfg.image_len), device=device)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    train = TransformerTrainConfig(
+        batch_size=args.micro_batch, precision="bf16", zero_stage=args.zero_stage, lr=1e-4, grad_clip=4.0
+    )
+    engine = stage_engine(compiled_blocks(task.build_model) if compiled else task.build_model, train, on_gpu)
+    dtype = autocast_dtype(train, on_gpu)
+    rng = np.random.default_rng(0)
+    items = [
+        (rng.integers(1, cfg.text_vocab, cfg.text_len), rng.integers(0, cfg.image_vocab, cfg.image_len))
+        for _ in range(args.micro_batch)
+    ]
+    generator = torch.Generator(device=device)
 
-    def step() -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=on_gpu):
-            loss, _ = model(text, image, return_loss=True)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+    def steps(n: int) -> float:
+        window = [micro_step(task, engine, items, i, generator, device, dtype) for i in range(n)]
+        return window_means(window)["loss"]  # reads the device once, at the end
 
-    for _ in range(args.warmup):  # compiles FlexAttention's kernels, warms the allocator
-        step()
+    started = time.perf_counter()
+    steps(args.warmup)  # compiles the kernels, warms the allocator
+    warmup_s = time.perf_counter() - started
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if on_gpu:
-        torch.cuda.synchronize()
+    loss = steps(args.steps)
     seconds = time.perf_counter() - started
     tokens_per_s = args.steps * args.micro_batch * cfg.seq_len / seconds
     peak = peak_flops(device, "bf16" if on_gpu else "fp32")
     out = {
         "attention": attention,
+        "compiled": compiled,
+        "warmup_s": round(warmup_s, 2),
         "step_s": seconds / args.steps,
         "tokens_per_s": tokens_per_s,
         "model_tflops_per_s": tokens_per_s * flops_per_token(cfg) / 1e12,
         "mfu": tokens_per_s * flops_per_token(cfg) / peak if peak else None,
+        "loss": loss,
     }
     if on_gpu:
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def measured(args: argparse.Namespace, attention: str, compiled: bool, device: torch.device) -> dict:
+    """`measure`, then the engine's memory given back (DeepSpeed engines hold reference cycles)."""
+    out = measure(args, attention, compiled, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -89,6 +109,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attention", choices=["flex", "sdpa", "both"], default="both")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the blocks")
+    parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
     parser.add_argument("--checkpoint-activations", action="store_true")
     args = parser.parse_args()
 
@@ -96,7 +118,10 @@ def main() -> None:
     wanted = ["flex", "sdpa"] if args.attention == "both" else [args.attention]
     if device.type == "cpu" and "flex" in wanted:
         wanted.remove("flex")  # no FlexAttention backward on CPU (torch 2.13)
-    results = {a: measure(args, a, device) for a in wanted}
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    results = {
+        f"{a}{'+compile' if c else ''}": measured(args, a, c, device) for a in wanted for c in compiles
+    }  # fmt: skip
     geometry = GEOMETRY["demo" if args.preset == "demo" else "paper"]
     cfg = preset(args.preset, **geometry)
     report = {
@@ -105,15 +130,17 @@ def main() -> None:
         "params": param_count(cfg),
         "seq_len": cfg.seq_len,
         "micro_batch": args.micro_batch,
+        "zero_stage": args.zero_stage,
         "checkpoint_activations": args.checkpoint_activations,
         "precision": "bf16" if device.type == "cuda" else "fp32",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or 'x86'})",
-        "torch_threads": torch.get_num_threads(),
+        "device": device_name(device),
         "flops_per_token": flops_per_token(cfg),
         "results": results,
     }
-    if "flex" in results and "sdpa" in results:
-        report["flex_over_sdpa_tokens_per_s"] = results["flex"]["tokens_per_s"] / results["sdpa"]["tokens_per_s"]
+    for suffix in ("", "+compile"):
+        flex, sdpa = results.get("flex" + suffix), results.get("sdpa" + suffix)
+        if flex and sdpa:
+            report[f"flex_over_sdpa{suffix.replace('+', '_')}"] = flex["tokens_per_s"] / sdpa["tokens_per_s"]
     print(json.dumps(report, indent=2))
 
 

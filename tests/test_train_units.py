@@ -15,7 +15,7 @@ from pipeline.stages.dvae import codebook_stats, noise_scale, schedules
 from pipeline.train.ema import EMA, merged_tensors, reshard
 from pipeline.train.engine import deepspeed_config, merge
 from pipeline.train.evaluation import sharded_means, share
-from pipeline.train.loop import step_seed
+from pipeline.train.loop import step_seed, window_means
 from pipeline.train.schedules import cosine, learning_rate
 
 
@@ -107,12 +107,18 @@ def test_step_seeds_differ_by_step_rank_and_micro_batch():
 def test_codebook_stats():
     k = 16
     uniform = torch.zeros(2, k, 4, 4)
-    assert codebook_stats(uniform)["perplexity"] == pytest.approx(k)
+    assert float(codebook_stats(uniform)["perplexity"]) == pytest.approx(k)
     peaked = torch.full((2, k, 4, 4), -1e4)
     peaked[:, 3] = 0
-    stats = codebook_stats(peaked)
-    assert stats["perplexity"] == pytest.approx(1.0) and stats["codebook_usage"] == 1 / k
+    peaked[0, 5, 0, 0] = 1.0  # one position picks another code
+    stats = {name: float(value) for name, value in codebook_stats(peaked).items()}
+    assert 1.0 < stats["perplexity"] < 1.2 and stats["codebook_usage"] == 2 / k
     assert math.isfinite(stats["perplexity"])
+
+
+def test_window_means_read_device_tensors_and_floats_alike():
+    window = [{"loss": torch.tensor(1.0), "lr": 0.5}, {"loss": torch.tensor(3.0, dtype=torch.bfloat16), "lr": 1.5}]
+    assert window_means(window) == {"loss": 2.0, "lr": 1.0}
 
 
 def test_ema_shards_of_one_world_reshard_for_another():

@@ -18,10 +18,14 @@ def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """uint8 BxHxWx3 -> float32 Bx3xHxW in [0, 1]."""
+def to_tensor(images: list[np.ndarray] | np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 BxHxWx3 -> float32 Bx3xHxW in [0, 1], on `device` (the uint8 bytes cross to it,
+    a quarter of the float32 ones, and the conversion runs there)."""
     array = np.stack(images) if isinstance(images, list) else images
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(array)
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

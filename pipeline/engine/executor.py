@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pipeline.engine.ledger import Ledger, ShardRecord
-from pipeline.engine.runners import on_pool, on_tasks
 from pipeline.engine.tasks import PLACEMENT, Placement, ShardTask, ShardWorker
 from pipeline.errors import StageFailed
 
@@ -68,6 +67,9 @@ def run_shards(
     if todo:
         where = f"{placement.actors} actors" if placement.actors else "Ray tasks"
         log.info("%s: %d of %d shards to run on %s", label, len(todo), len(tasks), where)
+        # Ray is imported only where shards run: the stages' per-shard code works without it (GPU suite)
+        from pipeline.engine.runners import on_pool, on_tasks
+
         runner = on_pool if placement.actors else on_tasks
         started, samples = time.monotonic(), 0
         try:

@@ -133,19 +133,38 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, kind: str, text_len: int, grid: int, kernel: int = 11) -> torch.Tensor:
+    def resolved_backend(self, device: torch.device) -> str:
+        """ "flex" or "sdpa": what this layer runs on `device`."""
+        if self.backend == "auto":
+            return "flex" if device.type == "cuda" else "sdpa"
+        return self.backend
+
+    def mask(self, kind: str, text_len: int, grid: int, kernel: int, device: torch.device) -> torch.Tensor | BlockMask:
+        """The cached mask `forward` uses on `device`: a block mask for flex, a dense one for SDPA."""
+        if self.resolved_backend(device) == "flex":
+            return block_mask(kind, text_len, grid, kernel, device)
+        return dense_mask(kind, text_len, grid, kernel, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kind: str,
+        text_len: int,
+        grid: int,
+        kernel: int = 11,
+        mask: torch.Tensor | BlockMask | None = None,
+    ) -> torch.Tensor:
+        """`mask`, when given, is `self.mask(...)` looked up by the caller: a compiled block then
+        takes it as an input instead of tracing the lookup (and rebuilding the mask) every call."""
         batch, length, d_model = x.shape
         if length != text_len + grid * grid:
             raise ValueError(f"sequence length {length} != text_len {text_len} + grid {grid}**2")
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        backend = self.backend
-        if backend == "auto":
-            backend = "flex" if x.is_cuda else "sdpa"
-        if backend == "flex":
-            mask = block_mask(kind, text_len, grid, kernel, x.device)
+        if mask is None:
+            mask = self.mask(kind, text_len, grid, kernel, x.device)
+        if isinstance(mask, BlockMask):
             y = _flex_fn(x.device)(q, k, v, block_mask=mask)
         else:
-            mask = dense_mask(kind, text_len, grid, kernel, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, length, d_model))
 

@@ -175,7 +175,7 @@ class ImageGenerator:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """The dVAE's tokens [n, grid*grid] of uint8 images [n, S, S, 3] (S = the dVAE's image size)."""
         with self._autocast():
-            return self.dvae.tokens(to_tensor(images).to(self.device)).cpu().numpy()
+            return self.dvae.tokens(to_tensor(images, self.device)).cpu().numpy()
 
     @torch.no_grad()
     def scores(self, images: np.ndarray, prompt: str, batch_size: int = 64) -> np.ndarray:

@@ -184,8 +184,12 @@ class _Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), self.kind, *self.geometry)
+    def mask(self, device: torch.device):
+        """This layer's attention mask on `device` (cached; looked up outside compiled code)."""
+        return self.attn.mask(self.kind, *self.geometry, device)
+
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), self.kind, *self.geometry, mask=mask)
         return x + self.mlp(self.ln2(x))
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
@@ -255,10 +259,11 @@ class Dalle(nn.Module):
         hooks gather ZeRO-3 partitions, computes the loss too)."""
         x = self.embed(text, image)
         for block in self.blocks:
+            mask = block.mask(x.device)
             if self.cfg.checkpoint_activations and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, mask)
         # The last position would predict past the end of the image; drop it before the final norm and heads.
         h = self.ln_f(x[:, :-1])
         split = self.cfg.text_len - 1
@@ -267,10 +272,11 @@ class Dalle(nn.Module):
             return text_logits, image_logits
         text_loss, image_loss = _cross_entropies(self.cfg, text, image, text_logits, image_logits, "mean")
         loss = self.cfg.text_loss_weight * text_loss + self.cfg.image_loss_weight * image_loss
-        return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
+        # the parts stay on the device: reading them here would wait for the GPU every step
+        return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 
-    def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted text + image cross-entropy, and the two parts as floats for logging."""
+    def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted text + image cross-entropy, and the two parts (detached) for logging."""
         return self(text, image, return_loss=True)
 
     # Incremental decoding (used by `pipeline.models.sampling`): the same computation as `forward`, split into

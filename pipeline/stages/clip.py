@@ -105,7 +105,7 @@ class ClipTask:
 
     def loss(self, engine, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         loss = engine(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        return loss, {"logit_scale": float(engine.module.model.logit_scale.exp())}
+        return loss, {"logit_scale": engine.module.model.logit_scale.detach().exp()}
 
     def evaluate(self, model: nn.Module, held: list, device: torch.device) -> tuple[dict, dict]:
         return (retrieval_scores(model.clip, held, device) if len(held) > 1 else {}), {}

@@ -36,20 +36,21 @@ def noise_scale(cfg: DVAESection, step: int) -> float:
     return cosine(1.0, cfg.gumbel_noise_end, step, cfg.temperature_steps)
 
 
-def codebook_stats(logits: torch.Tensor) -> dict[str, float]:
-    """Perplexity of the batch's mean code distribution and the fraction of codes used by argmax."""
+def codebook_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Perplexity of the batch's mean code distribution and the fraction of codes used by argmax,
+    as device tensors (no host sync in the step)."""
     k = logits.shape[1]
     probs = logits.float().softmax(1).mean(dim=(0, 2, 3))
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-    used = logits.argmax(1).unique().numel()
-    return {"perplexity": float(entropy.exp()), "codebook_usage": used / k}
+    used = torch.zeros(k, device=logits.device).scatter_(0, logits.argmax(1).flatten(), 1.0).sum()
+    return {"perplexity": entropy.exp(), "codebook_usage": used / k}
 
 
 @torch.no_grad()
 def reconstruction_scores(model: nn.Module, images: np.ndarray, device: torch.device) -> tuple[dict, np.ndarray]:
     """Token round trip (argmax encode, decode) of uint8 images: MSE against the originals and
     against the images' own mean image (the baseline to beat), PSNR, and a comparison grid."""
-    x = to_tensor(images).to(device)
+    x = to_tensor(images, device)
     recon = model.decode(model.tokens(x)).float()
     mse = float(((recon - x) ** 2).mean())
     mean_mse = float(((x.mean(0, keepdim=True) - x) ** 2).mean())
@@ -77,7 +78,7 @@ class DVAETask:
         return decode_rgb(sample["jpg"], self.cfg.image_size)
 
     def collate(self, items: list[np.ndarray], device: torch.device, dtype: torch.dtype | None) -> dict:
-        x = to_tensor(items).to(device)
+        x = to_tensor(items, device)
         return {"images": x.to(dtype) if dtype is not None else x}
 
     def loss(self, engine, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -93,7 +94,7 @@ class DVAETask:
             mse_weight=cfg.mse_weight,
             noise=noise,
         )
-        stats = {"nll": float(out.nll), "kl": float(out.kl), "temperature": temperature, "kl_weight": kl_weight}
+        stats = {"nll": out.nll.detach(), "kl": out.kl.detach(), "temperature": temperature, "kl_weight": kl_weight}
         stats["gumbel_noise"] = noise
         return out.loss, {**stats, **codebook_stats(out.logits.detach())}
 

@@ -27,6 +27,8 @@ from pipeline.engine.schemas import ENCODED_MANIFEST, validate_table
 from pipeline.engine.tasks import ShardTask
 
 DROP_REASON = "clip_similarity"
+# JPEG decoding and CLIP's resize run here (PIL releases the GIL), so a GPU actor is not bound by one core
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="decode")
 
 
 @dataclass
@@ -75,11 +77,10 @@ class Encoders:
         tokens, embeds = [], []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
+            pixels = torch.cat(list(_POOL.map(lambda image: self.clip.preprocess(image[None]), chunk)))
             with self.autocast():
-                x = to_tensor(chunk).to(self.device, non_blocking=True)
-                tokens.append(self.dvae.tokens(x).cpu())
-                pixels = self.clip.preprocess(chunk).to(self.device, non_blocking=True)
-                embeds.append(self.clip.image_embeddings(pixels).float().cpu())
+                tokens.append(self.dvae.tokens(to_tensor(chunk, self.device)).cpu())
+                embeds.append(self.clip.image_embeddings(pixels.to(self.device, non_blocking=True)).float().cpu())
         return torch.cat(tokens).numpy().astype(np.uint16), torch.cat(embeds).numpy()
 
     @torch.no_grad()
@@ -92,9 +93,6 @@ class Encoders:
                 ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
                 embeds.append(self.clip.text_embeddings(ids, mask).float().cpu())
         return torch.cat(embeds).numpy()
-
-
-_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="decode")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,37 @@ class KeyedDecode:
         return sample["__key__"], self.task.decode(sample)
 
 
+def micro_step(
+    task: TrainTask,
+    engine,
+    items: list[Any],
+    step: int,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """One micro-batch through the engine: forward, backward and the engine's step (which updates
+    at the end of an accumulation). The metrics stay on the device (tensors or floats); nothing
+    here waits for the GPU, so the host runs ahead until the window's metrics are read."""
+    batch = task.collate(items, device, dtype)
+    loss, metrics = task.loss(engine, batch, step, generator)
+    engine.backward(loss)
+    engine.step()
+    return {"loss": loss.detach(), **metrics}
+
+
+def window_means(window: list[dict[str, Any]]) -> dict[str, float]:
+    """Each metric's mean over a logging window of `micro_step` results, read from the device once."""
+    means = {}
+    for key in window[0]:
+        values = [w[key] for w in window]
+        if isinstance(values[0], torch.Tensor):
+            means[key] = float(torch.stack([v.float() for v in values]).mean())
+        else:
+            means[key] = float(np.mean(values))
+    return means
+
+
 def _mean_across_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -205,19 +236,15 @@ def train_worker(spec: TrainSpec) -> None:
         step_keys: list[str] = []
         for (lane, index), keyed in next(updates):
             step_keys += [key for key, _ in keyed]
-            batch = task.collate([item for _, item in keyed], device, dtype)
             generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, lane, index))
-            loss, metrics = task.loss(engine, batch, step, generator)
-            engine.backward(loss)
-            engine.step()
-            window.append({"loss": float(loss.detach()), **metrics})
+            window.append(micro_step(task, engine, [item for _, item in keyed], step, generator, device, dtype))
         keys.append(step_keys)
         step += 1
         if ema is not None:
             ema.update(engine.module)
         last = step == cfg.steps
         if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
-            metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            metrics = window_means(window)
             metrics = _mean_across_ranks(metrics, device)
             seconds = time.monotonic() - started
             samples_per_s = (step - window_start) * per_update / max(seconds, 1e-9)

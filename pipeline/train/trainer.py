@@ -11,8 +11,6 @@ import logging
 import threading
 from typing import Any
 
-import ray
-
 from pipeline import storage
 from pipeline.config.models import TrainConfig
 from pipeline.data.loader import BatchLayout, split_holdout
@@ -31,6 +29,8 @@ def wants_gpu(cfg: TrainConfig) -> bool:
     """The recipe's `use_gpu`, or whether the cluster has GPUs when it is null."""
     if cfg.use_gpu is not None:
         return cfg.use_gpu
+    import ray
+
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
@@ -55,6 +55,8 @@ def _prepare_resume(label: str, run_url: str, cfg: TrainConfig) -> None:
         raise StageFailed(f"stage '{label}': cannot resume {url} on {cfg.workers} workers: {problem}")
     log.info("%s: resuming a run of %d workers on %d", label, state["world"], cfg.workers)
     if needs_conversion(cfg.zero_stage) and not converted(url):
+        import ray
+
         task = ray.remote(num_cpus=1)(convert).options(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
         try:
             ray.get(task.remote(url))
