@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-GPU_TESTS = ["tests/test_attention.py", "tests/test_transformer.py", "tests/test_generator.py"]
+GPU_TESTS = [f"tests/test_{name}.py" for name in ("attention", "transformer", "generator", "gpu_paths")]
 
 
 def sections(tiny: bool, out: Path) -> dict[str, tuple[list[str], int]]:
