@@ -156,7 +156,7 @@ def test_dalle_sample_writes_grid_images_and_scores(folder, tmp_path):
         ),
         (["{model}", PROMPT, "--n", "4", "--top", "5"], "--top 5 must be between 1 and --n 4"),
         (["{model}", PROMPT, "--complete", "x.png"], "--complete IMAGE and --rows R go together"),
-        (["{model}", PROMPT, "--complete", "nope.png", "--rows", "1"], "nope.png: no such image"),
+        (["{model}", PROMPT, "--complete", "nope.png", "--rows", "1"], "--complete: no such image 'nope.png'"),
         (["{model}", "  "], "the prompt is empty"),
         (["{model}", PROMPT, "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     ],

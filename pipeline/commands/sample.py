@@ -12,15 +12,14 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 
 from pipeline import storage
 from pipeline.data.images import decode_rgb, png_bytes, tile
 from pipeline.errors import InputError, one_line
 from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.models.weight_files import INDEX
+from pipeline.stages.sample import completion_image
 
 
 def _load(model: str, **paths: str) -> ImageGenerator:
@@ -34,15 +33,6 @@ def _load(model: str, **paths: str) -> ImageGenerator:
         return ImageGenerator.load(url, **paths)
     except (FileNotFoundError, ValueError) as err:
         raise InputError(one_line(err, typed=False)) from None
-
-
-def _image(path: str, size: int) -> np.ndarray:
-    try:
-        return decode_rgb(storage.read_bytes(storage.absolute(path)), size)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such image") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"{path}: not a readable image ({err})") from None
 
 
 def sample(
@@ -69,7 +59,8 @@ def sample(
     if complete is not None:
         if not 0 <= rows <= gen.dvae.grid:
             raise InputError(f"--rows {rows} must be between 0 and {gen.dvae.grid} (the token grid's rows)")
-        result = gen.complete(_image(complete, gen.dvae.image_size), prompt, rows, n, sampling)
+        image = decode_rgb(completion_image(complete, "--complete"), gen.dvae.image_size)
+        result = gen.complete(image, prompt, rows, n, sampling)
     else:
         result = gen.generate(prompt, n, sampling)
     kept = result.best(top)
