@@ -2,7 +2,8 @@
 task, each a benchmark of this folder run in its own process, gathered into one JSON with the
 targets they are held to.
 
-    # on the GPU machine (wheels from benchmarks/gpu_wheels.sh; no Ray needed):
+    benchmarks/gpu_wheels.sh wheels        # here; wheels/ is gitignored, carry it to the device call
+    # on the GPU machine (no Ray needed):
     python3 -m pip install -q --no-deps --no-index wheels/*.whl
     python3 benchmarks/gpu_suite.py --out "$OUT"            # <= 9 minutes on one H100
     .venv/bin/python benchmarks/gpu_suite.py --tiny --out /tmp/suite   # every section on CPU
