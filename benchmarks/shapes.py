@@ -37,10 +37,16 @@ from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.stages.clip import ClipTask
 from pipeline.stages.dvae import DVAETask
 from pipeline.stages.encode_shard import Encoders, encode_shard
-from pipeline.stages.evaluate import accuracy, by_objects, evaluate_prompt, guidance_curve
+from pipeline.stages.evaluate import (
+    accuracy,
+    by_objects,
+    evaluate_prompt,
+    guidance_curve,
+    recipe_prompts,
+    sweep_prompts,
+)
 from pipeline.stages.train import TransformerTask, companions, recipe_model_config
-from pipeline.synthetic.dataset import generate, heldout_pairs
-from pipeline.synthetic.prompts import evaluation_prompts
+from pipeline.synthetic.dataset import generate
 from pipeline.train.engine import autocast_dtype, set_lr
 from pipeline.train.loop import micro_step, step_seed, window_means
 from pipeline.train.schedules import learning_rate
@@ -175,17 +181,10 @@ def main() -> None:
     started = time.perf_counter()
     gen = ImageGenerator.load(str(out / "train"), device=on)
     cfg = recipe.evaluate
-    counts = ("seen_one", "heldout_one", "seen_two", "heldout_two", "paraphrased")
-    prompts = evaluation_prompts(
-        heldout_pairs(recipe.ingest.synthetic), seed=cfg.prompt_seed, **{k: getattr(cfg, k) for k in counts}
-    )
+    prompts = recipe_prompts(recipe)
     sampling = SamplingConfig(batch_size=cfg.batch_size, guidance=cfg.guidance, seed=cfg.seed)
     records = [evaluate_prompt(gen, prompt, cfg.candidates, cfg.top, sampling)[0] for prompt in prompts]
-    swept = [
-        q
-        for group in ("seen-one", "heldout-one")
-        for q in [p for p in prompts if p.group == group][: cfg.sweep_prompts]
-    ]
+    swept = sweep_prompts(prompts, cfg.sweep_prompts)
     for scale in cfg.guidance_sweep:
         at = SamplingConfig(batch_size=cfg.batch_size, guidance=float(scale), seed=cfg.seed)
         records += [{**evaluate_prompt(gen, q, cfg.candidates, cfg.top, at)[0], "sweep": True} for q in swept]

@@ -162,13 +162,13 @@ def test_binding_confusion_and_guidance_figures_come_from_the_analyzers_reading(
 
 def test_the_guidance_sweep_draws_the_first_one_object_prompts_again_at_each_scale(tmp_path):
     from pipeline.config.recipe import load_recipe
-    from pipeline.stages.evaluate import EvaluateStage
+    from pipeline.stages.evaluate import EvaluateStage, recipe_prompts
 
     overrides = ["evaluate.guidance_sweep=[1.0, 4.0]", "evaluate.sweep_prompts=2", f"output_dir={tmp_path}"]
     recipe = load_recipe("jobs/demo.yaml", overrides)
     stage = EvaluateStage(recipe, str(tmp_path))
     tasks = stage.tasks()
-    prompts = stage.prompts()
+    prompts = recipe_prompts(recipe)
     main, sweep = tasks[: len(prompts)], tasks[len(prompts) :]
     assert [t.prompt for t in main] == prompts and all(t.guidance is None for t in main)
     assert [t.shard for t in tasks] == [f"{i:05d}" for i in range(len(prompts) + 8)]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
+from pipeline.config.recipe import Recipe
 from pipeline.data.images import png_bytes, tile
 from pipeline.engine.ledger import Attempt
 from pipeline.engine.tasks import ShardTask
@@ -165,6 +166,19 @@ def flat(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def recipe_prompts(recipe: Recipe) -> list[Prompt]:
+    """The evaluation prompt set of a recipe: its `evaluate` counts over its synthetic set's held-out pairs."""
+    cfg = recipe.evaluate
+    counts = ("seen_one", "heldout_one", "seen_two", "heldout_two", "paraphrased")
+    held = heldout_pairs(recipe.ingest.synthetic)
+    return evaluation_prompts(held, seed=cfg.prompt_seed, **{k: getattr(cfg, k) for k in counts})
+
+
+def sweep_prompts(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
+    """The guidance sweep's prompts: the first `n` seen-one and the first `n` heldout-one."""
+    return [p for group in ("seen-one", "heldout-one") for p in [q for q in prompts if q.group == group][:n]]
+
+
 class EvaluateStage(GenerationStage):
     name = "evaluate"
     config_key = "evaluate"
@@ -180,18 +194,11 @@ class EvaluateStage(GenerationStage):
         attempt.write(f"{task.shard}.json", json.dumps(record).encode())
         attempt.write(f"{task.shard}.png", png_bytes(grid))
 
-    def prompts(self) -> list[Prompt]:
-        cfg = self.cfg
-        counts = ("seen_one", "heldout_one", "seen_two", "heldout_two", "paraphrased")
-        held = heldout_pairs(self.recipe.ingest.synthetic)
-        return evaluation_prompts(held, seed=cfg.prompt_seed, **{k: getattr(cfg, k) for k in counts})
-
     def tasks(self) -> list[EvaluateTask]:
         """The prompt set, then each one-object prompt of the sweep at each scale of `guidance_sweep`."""
-        prompts = self.prompts()
+        prompts = recipe_prompts(self.recipe)
         tasks = [EvaluateTask(f"{i:05d}", p) for i, p in enumerate(prompts)]
-        n = self.cfg.sweep_prompts
-        swept = [p for group in ("seen-one", "heldout-one") for p in [q for q in prompts if q.group == group][:n]]
+        swept = sweep_prompts(prompts, self.cfg.sweep_prompts)
         for scale in self.cfg.guidance_sweep:
             tasks += [EvaluateTask(f"{len(tasks) + i:05d}", p, float(scale)) for i, p in enumerate(swept)]
         return tasks
