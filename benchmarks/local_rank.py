@@ -39,18 +39,6 @@ def stage_engine(build: Callable[[], nn.Module], cfg: TrainConfig, on_gpu: bool)
     return build_engine(build_model(build, cfg, 1, on_gpu), cfg, 1, on_gpu)
 
 
-def compiled_blocks(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """`build` with each transformer block compiled in place (`torch.compile`, default mode)."""
-
-    def wrapped() -> nn.Module:
-        model = build()
-        for block in model.blocks:
-            block.compile()
-        return model
-
-    return wrapped
-
-
 def device_name(device: torch.device) -> str:
     import platform
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from local_rank import compiled_blocks, device_name, stage_engine
+from local_rank import device_name, stage_engine
 
 from pipeline.config.models import TransformerTrainConfig
 from pipeline.config.recipe import load_recipe
@@ -52,9 +52,14 @@ def measure(args: argparse.Namespace, attention: str, compiled: bool, device: to
     task = TransformerTask({"model": cfg.to_dict()})
     on_gpu = device.type == "cuda"
     train = TransformerTrainConfig(
-        batch_size=args.micro_batch, precision="bf16", zero_stage=args.zero_stage, lr=1e-4, grad_clip=4.0
+        batch_size=args.micro_batch,
+        precision="bf16",
+        zero_stage=args.zero_stage,
+        lr=1e-4,
+        grad_clip=4.0,
+        compile="on" if compiled else "off",  # the stage's own switch (`transformer.train.compile`)
     )
-    engine = stage_engine(compiled_blocks(task.build_model) if compiled else task.build_model, train, on_gpu)
+    engine = stage_engine(task.build_model, train, on_gpu)
     dtype = autocast_dtype(train, on_gpu)
     rng = np.random.default_rng(0)
     items = [

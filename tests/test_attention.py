@@ -37,13 +37,14 @@ def reference_mask(kind: str, text_len: int, grid: int, kernel: int) -> torch.Te
             if q < text_len:
                 continue
             qi, ki = q - text_len, k - text_len
-            (row_q, col_q), (row_k, col_k) = divmod(qi, grid), divmod(ki, grid)
+            col_q, col_k = qi % grid, ki % grid
             if kind == "row":
                 visible = ki in range(qi - grid, qi + 1)
             elif kind == "column":
                 visible = col_k == col_q
-            elif kind == "conv":
-                visible = abs(row_q - row_k) <= kernel // 2 and abs(col_q - col_k) <= kernel // 2
+            elif kind == "conv":  # kernel x kernel in raster order, wrapping around rows (Fig. 11d)
+                r = kernel // 2
+                visible = any(ki == qi - dr * grid + dc for dr in range(r + 1) for dc in range(-r, r + 1))
             else:
                 visible = True
             mask[q, k] = visible
@@ -79,13 +80,23 @@ def test_row_window_reaches_the_token_above_the_prediction():
         assert not mask[text_len + qi, text_len : text_len + max(qi - grid, 0)].any()
 
 
-def test_conv_neighbourhood_does_not_wrap_around_rows():
+def test_conv_window_wraps_around_rows_like_the_paper():
+    """Fig. 11d of the paper: the causal convolutional window is laid out in raster order, so at the
+    image's edges it continues on the neighbouring row, as the row mask does, instead of stopping."""
     text_len, grid, kernel = 2, 8, 3
+
+    def at(row: int, col: int) -> int:
+        return text_len + row * grid + col
+
     mask = dense_mask("conv", text_len, grid, kernel)
-    query = text_len + 2 * grid  # image (2, 0)
-    last_col_of_row_above = text_len + 1 * grid + grid - 1  # image (1, 7): one step back in raster order
-    assert not mask[query, last_col_of_row_above]
-    assert mask[query, text_len + 1 * grid + 1]  # image (1, 1) is inside the 3x3 window
+    # query (2, 0) in the first column: one step back is (1, 7), one row up and one left wraps to (0, 7)
+    visible = {(r, c) for r in range(grid) for c in range(grid) if mask[at(2, 0), at(r, c)]}
+    assert visible == {(2, 0), (1, 7), (1, 0), (1, 1), (0, 7)}
+    # query (1, 7) in the last column: one row up and one right wraps to (1, 0)
+    visible = {(r, c) for r in range(grid) for c in range(grid) if mask[at(1, 7), at(r, c)]}
+    assert visible == {(1, 7), (1, 6), (0, 7), (0, 6), (1, 0)}
+    # away from the top every query sees kernel//2 rows of kernel keys and kernel//2 + 1 on its own row
+    assert mask[text_len:, text_len:].sum(1)[4 * grid + 3] == (kernel // 2) * kernel + kernel // 2 + 1
 
 
 def test_mask_mod_under_vmap_equals_dense():

@@ -60,7 +60,7 @@ def test_every_section_runs_without_ray(suite):
     failed = {name: r.get("error") for name, r in report["sections"].items() if not r["ok"]}
     assert done.returncode == 0 and not failed, failed
     assert set(report["sections"]) == {
-        "pytest", "train_small", "train_1.3b", "encode", "sample_small", "sample_1.3b", "shapes"
+        "pytest", "train_small", "train_1.3b", "train_loop", "encode", "sample_small", "sample_1.3b", "shapes"
     }  # fmt: skip
     for name, record in report["sections"].items():
         assert (out / record["log"]).stat().st_size > 0, name
@@ -91,3 +91,19 @@ def test_the_sections_measure_what_the_targets_read(suite):
     assert {t["target"] for t in targets if t["value"] is not None} >= {
         "encode images/s (dVAE + CLIP B/32, one pass)", "KV cache over recomputation (1.3b)"
     }  # fmt: skip
+
+
+def test_the_section_limits_fit_the_budget(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_suite
+
+    limits = [limit for _, limit in gpu_suite.sections(False, tmp_path).values()]
+    assert sum(limits) <= gpu_suite.BUDGET, (sum(limits), gpu_suite.BUDGET)
+
+
+def test_the_train_loop_section_resumes_a_sigkilled_run_exactly(suite):
+    _, report, _ = suite
+    loop = report["sections"]["train_loop"]["figures"]
+    assert loop["resume_matches"] and loop["resumed_from"] == [2]
+    assert loop["largest_rel_difference"] == 0.0 and loop["largest_weight_difference"] == 0.0
+    assert loop["parameters_kept_whole"] == 0

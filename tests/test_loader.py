@@ -4,6 +4,8 @@ truncated shard."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 
 import pytest
 
@@ -138,3 +140,53 @@ def test_the_layout_of_a_fresh_run_reads_as_the_plain_stream(spans):
         for _, batch in update
     ]
     assert got == list(itertools.islice(stream.batches(3, position=6), 4))
+
+
+def test_loader_workers_read_each_shard_once_between_them(spans, tmp_path, monkeypatch):
+    """Each of 2 workers fetches only the shards it decodes: worker w reads visits w, w + 2, ... of
+    the stream, so each visit's shard is read once, by one worker (a DataLoader over the stream would
+    have both read every shard)."""
+    from pipeline.data import loader
+
+    expected = _keys(spans, 0, 1, seed=3, n=40)
+    stream = ShardStream(spans, rank=0, world=1, seed=3, decode=_key)
+    visits = [spans[v.index].url for v in itertools.islice(stream.visits(), 20)]
+    log = tmp_path / "reads.log"
+    real = loader.read_span
+
+    def logged(span):  # inherited by the forked workers
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {span.url}\n")
+        return real(span)
+
+    monkeypatch.setattr(loader, "read_span", logged)
+    batches = list(itertools.islice(stream.batches(4, workers=2), 10))  # 40 samples: 2 epochs, 10 visits
+    assert [k for b in batches for k in b] == expected
+    reads: dict[str, list[str]] = {}
+    for pid, url in (line.split() for line in log.read_text().splitlines()):
+        reads.setdefault(pid, []).append(url)
+    assert len(reads) == 2 and str(os.getpid()) not in reads  # two workers read; the consumer did not
+    own = sorted(reads.values(), key=lambda urls: visits.index(urls[0]))
+    for worker, urls in enumerate(own):  # each worker read its own visits, in order, each once
+        assert urls == visits[worker::2][: len(urls)]
+        assert len(urls) >= 5  # its five of the ten visits the batches took (plus at most a few ahead)
+
+
+def test_a_loader_worker_that_fails_or_dies_is_reported_in_one_line(spans):
+    truncated = spans[2].url
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) // 2])
+    stream = ShardStream(spans, rank=0, world=1, seed=0, decode=_key, shuffle=False)
+    with pytest.raises(ShardError, match="00002.tar: cannot read shard"):
+        list(itertools.islice(stream.batches(2, workers=2), 10))
+
+    from pipeline.data.decode_workers import DecodeWorkers
+
+    healthy = ShardStream(spans[:2], rank=0, world=1, seed=0, decode=_key)
+    workers = DecodeWorkers(healthy, 2, 0, chunk=2)
+    samples = workers.samples()
+    next(samples)
+    os.kill(workers.processes[1].pid, signal.SIGKILL)
+    with pytest.raises(ShardError, match=r"loader worker 1 stopped \(exit code -9\)"):
+        list(itertools.islice(samples, 30))
+    assert not any(p.is_alive() for p in workers.processes)

@@ -36,7 +36,7 @@ from pipeline.models.transformer import load_dalle
 from pipeline.observe.tracking import read_metrics
 from pipeline.stages.train import TransformerTask
 from pipeline.train import checkpoint
-from pipeline.train.trainer import _prepare_resume
+from pipeline.train.trainer import prepare_resume
 
 pytestmark = pytest.mark.slow
 
@@ -162,9 +162,9 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
 
 
 def test_a_run_resumes_on_another_world_size_2_1_2_with_the_samples_of_an_uninterrupted_run(tmp_path, run, reference):
-    """SIGKILLed on 2 workers after checkpoint 10, resumed on 1 (DeepSpeed's universal checkpoint,
-    the EMA shards re-cut, each update's two micro-batches on one rank), SIGKILLed after checkpoint
-    20, finished on 2 again: every update trains on the uninterrupted run's samples."""
+    """SIGKILLed on 2 workers after checkpoint 10, resumed on 1 (the checkpoint converted, the rank
+    fetching its own partitions, each update's two micro-batches on one rank), SIGKILLed after
+    checkpoint 20, finished on 2 again: every update trains on the uninterrupted run's samples."""
     recipe, out = _train_recipe(tmp_path, run)
     progress = out / "train" / "_train" / "progress.json"
     for workers, stop in ((2, 12), (1, 22)):
@@ -176,7 +176,7 @@ def test_a_run_resumes_on_another_world_size_2_1_2_with_the_samples_of_an_uninte
     run_dir = out / "train" / "_train" / "run"
     assert json.loads((run_dir / "checkpoint_00000020" / "trainer_state.json").read_text())["world"] == 1
     run_until(recipe, "train")
-    assert (run_dir / "checkpoint_00000010" / "deepspeed_universal.json").exists()
+    assert (run_dir / "checkpoint_00000010" / "reshard.json").exists()
     metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
     assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10, 20]
     got, ref = train_update_keys(out), train_update_keys(reference)
@@ -230,9 +230,9 @@ def test_export_and_resume_refuse_bad_input_with_one_line(tmp_path, reference):
     url, state = checkpoint.resumable(run_dir)
     assert state["step"] == 40 and (state["world"], state["lanes"], state["per_lane"]) == (2, 2, 1)
     for world in (1, 2):  # a worker count that shares the updates equally needs no conversion check here
-        _prepare_resume("train", run_dir, TrainConfig(workers=world, zero_stage=0))
+        prepare_resume("train", run_dir, TrainConfig(workers=world, zero_stage=0))
     with pytest.raises(StageFailed) as err:
-        _prepare_resume("train", run_dir, TrainConfig(workers=3, zero_stage=0))
+        prepare_resume("train", run_dir, TrainConfig(workers=3, zero_stage=0))
     assert str(err.value) == (
         f"stage 'train': cannot resume {url} on 3 workers: the run's updates are 2 micro-batches (2 lanes x 1), "
         "which 3 workers cannot share equally; use a worker count that divides 2"

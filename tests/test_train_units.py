@@ -59,7 +59,10 @@ def test_deepspeed_config_from_the_recipe():
     assert cpu["gradient_clipping"] == 4.0
     assert "optimizer" not in cpu and "bf16" not in cpu  # torch AdamW, fp32 on CPU
     gpu = deepspeed_config(cfg, world=2, on_gpu=True)
-    assert gpu["bf16"] == {"enabled": True} and gpu["optimizer"]["type"] == "AdamW"
+    # torch's fused AdamW on GPUs (built by `build_engine`: no nvcc build of DeepSpeed's FusedAdam)
+    assert gpu["bf16"] == {"enabled": True} and "optimizer" not in gpu
+    offload = deepspeed_config(cfg.model_copy(update={"offload_optimizer": True}), world=2, on_gpu=True)
+    assert offload["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPU Adam for the host-side step
     fp16 = deepspeed_config(cfg.model_copy(update={"precision": "fp16"}), world=1, on_gpu=True)
     assert fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     raw = cfg.model_copy(update={"deepspeed": {"zero_optimization": {"overlap_comm": True}, "steps_per_print": 5}})
@@ -262,3 +265,53 @@ def test_a_save_sweeps_the_staging_folders_of_ranks_that_died_mid_save(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"dalle-ckpt-{os.getpid()}-def", "dalle-ckpt-x-1", "other-1"]
     )
+
+
+def test_compile_is_on_for_gpus_by_default_and_compiles_each_block():
+    from pipeline.models.transformer import Dalle, DalleConfig
+    from pipeline.train.engine import build_model, compiles
+
+    assert compiles(TrainConfig(), on_gpu=True) and not compiles(TrainConfig(), on_gpu=False)
+    assert compiles(TrainConfig(compile="on"), on_gpu=False) and not compiles(TrainConfig(compile="off"), on_gpu=True)
+    cfg = DalleConfig(layers=2, heads=2, head_dim=8, text_len=4, text_vocab=10, image_grid=2, image_vocab=8)
+    model = build_model(lambda: Dalle(cfg), TrainConfig(compile="on"), 1, on_gpu=False)
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert model._compiled_call_impl is None  # the blocks, not the whole model
+    eager = build_model(lambda: Dalle(cfg), TrainConfig(), 1, on_gpu=False)
+    assert all(block._compiled_call_impl is None for block in eager.blocks)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+@pytest.mark.parametrize(("old", "new"), [(4, 1), (4, 3), (3, 2), (2, 5)])
+def test_the_converted_layout_gives_each_new_rank_exactly_its_elements_once(zero_stage, old, new):
+    """From the layout alone a new rank finds every element it needs in the old ranks' files: the
+    pieces the old ranks hold cover each parameter exactly once, the owners of a range are exactly
+    the ranks holding part of it, and a file's offsets advance by its pieces."""
+    from pipeline.train.reshard import KEYS, Layout
+
+    shapes = [[7, 3], [5], [1], [4, 4], [9]]
+    numels = [math.prod(s) for s in shapes]
+    offsets, partitions = [0] * 5, []
+    if zero_stage < 3:  # one group, parameters end to end, padded to a multiple of the world
+        offsets = [sum(numels[:i]) for i in range(5)]
+        partitions = [math.ceil(sum(numels) / old)]
+    layout = Layout(zero_stage, old, [f"p{i}" for i in range(5)], shapes, [0] * 5, offsets, partitions, True, 9, None)
+    for key in (*KEYS, "ema"):
+        for index, n in enumerate(numels):
+            pieces = sorted(layout.held(key, rank, index) for rank in range(old))
+            covered = [e for a, b in pieces for e in range(a, b)]
+            assert covered == list(range(n)), (key, index, pieces)
+            for rank in range(new):  # the new rank's ZeRO-3 / EMA slice
+                size = math.ceil(n / new)
+                lo, hi = min(rank * size, n), min((rank + 1) * size, n)
+                if lo < hi:
+                    holders = {
+                        r
+                        for r in range(old)
+                        if max(layout.held(key, r, index)[0], lo) < min(layout.held(key, r, index)[1], hi)
+                    }
+                    assert set(layout.owners(key, index, lo, hi)) == holders
+    for rank in range(old):
+        offsets_ = layout.file_offsets(rank)
+        lengths = [4 * (b - a) for key in layout.keys() for a, b in [layout.held(key, rank, i) for i in range(5)]]
+        assert offsets_["end", -1] == sum(lengths)

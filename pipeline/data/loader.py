@@ -17,10 +17,10 @@ make one update whatever the number of workers: on M workers rank r takes slots 
 (S = lanes x per_lane) as its micro-batches, so a run resumed on another world size trains every
 update on exactly the samples of the uninterrupted run (only which rank computes which slot moves).
 
-With `workers` > 0 a rank's batches are decoded by that many DataLoader processes: worker w
-decodes batches w, w + workers, ... of the rank's sequence, and the DataLoader hands them back
-round-robin, so the sequence is the same for any number of workers (a run may resume with a
-different `loader_workers`).
+With `workers` > 0 a rank's samples are read and decoded by that many processes, worker w taking
+the stream's shard reads ("visits") w, w + workers, ...: each shard is fetched by one worker, not
+by every one, and the consumer takes the visits back in order, so the sequence is the same for any
+number of workers (a run may resume with a different `loader_workers`; `decode_workers`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.shards import Sample, iter_samples
 from pipeline.errors import ShardError
@@ -41,6 +40,18 @@ log = logging.getLogger(__name__)
 EPOCH = "__epoch__"
 """The field a training stream adds to each sample it yields: the epoch it is read in (what a
 decode seeds per-epoch augmentation from, such as BPE dropout)."""
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One read of a shard by a rank's stream: samples [first, last) of the shard's order in `epoch`
+    (a rank's slice of an epoch starts and ends inside shards)."""
+
+    epoch: int
+    index: int
+    """The span's index in the stream's span list."""
+    first: int
+    last: int
 
 
 @dataclass(frozen=True)
@@ -124,32 +135,44 @@ class ShardStream:
             _rng(self.seed, epoch).shuffle(order)
         return order.tolist()
 
-    def _epoch_samples(self, epoch: int, start: int) -> Iterator[Sample]:
-        """This rank's samples of `epoch`, skipping the first `start` of its slice."""
+    def _epoch_visits(self, epoch: int, start: int) -> Iterator[Visit]:
+        """The shard reads of this rank's slice of `epoch`, skipping its first `start` samples."""
         lo, hi = self.rank * self.per_rank + start, (self.rank + 1) * self.per_rank
         offset = 0
         for index in self.epoch_order(epoch):
             span = self.spans[index]
             first, last = max(lo, offset), min(hi, offset + span.count)
             if first < last:
-                samples = read_span(span)
-                perm = np.arange(span.count)
-                if self.shuffle:
-                    _rng(self.seed, epoch, index, 1).shuffle(perm)
-                for i in perm[first - offset : last - offset]:
-                    sample = samples[i]
-                    sample[EPOCH] = epoch
-                    yield sample
+                yield Visit(epoch, index, first - offset, last - offset)
             offset += span.count
             if offset >= hi:
                 return
 
-    def raw_samples(self, position: int = 0) -> Iterator[Sample]:
-        """Undecoded samples from `position` (samples this rank already consumed) on."""
+    def visits(self, position: int = 0) -> Iterator[Visit]:
+        """The shard reads of the stream from `position` (samples this rank already consumed) on."""
         epoch, start = divmod(position, self.per_rank)
         while True:
-            yield from self._epoch_samples(epoch, start)
+            yield from self._epoch_visits(epoch, start)
             epoch, start = epoch + 1, 0
+
+    def visit_samples(self, visit: Visit) -> list[Sample]:
+        """The undecoded samples of one visit, in stream order (one read of its shard)."""
+        span = self.spans[visit.index]
+        samples = read_span(span)
+        perm = np.arange(span.count)
+        if self.shuffle:
+            _rng(self.seed, visit.epoch, visit.index, 1).shuffle(perm)
+        out = []
+        for i in perm[visit.first : visit.last]:
+            sample = samples[i]
+            sample[EPOCH] = visit.epoch
+            out.append(sample)
+        return out
+
+    def raw_samples(self, position: int = 0) -> Iterator[Sample]:
+        """Undecoded samples from `position` (samples this rank already consumed) on."""
+        for visit in self.visits(position):
+            yield from self.visit_samples(visit)
 
     def samples(self, position: int = 0) -> Iterator[Any]:
         """Decoded samples from `position` on."""
@@ -157,19 +180,25 @@ class ShardStream:
 
     def raw_batches(self, batch_size: int, position: int = 0) -> Iterator[list[Sample]]:
         """Lists of `batch_size` undecoded samples, cut from the continuous stream."""
-        batch: list[Sample] = []
-        for sample in self.raw_samples(position):
-            batch.append(sample)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+        return _cut(self.raw_samples(position), batch_size)
 
     def batches(self, batch_size: int, position: int = 0, workers: int = 0) -> Iterator[list[Any]]:
-        """Lists of `batch_size` decoded samples; decoded by `workers` DataLoader processes when > 0."""
+        """Lists of `batch_size` decoded samples; decoded by `workers` processes when > 0, each
+        reading only its own shards (`pipeline.data.decode_workers`)."""
         if workers == 0:
             return ([self.decode(s) for s in batch] for batch in self.raw_batches(batch_size, position))
-        dataset = _WorkerBatches(self, batch_size, position)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=4))
+        from pipeline.data.decode_workers import DecodeWorkers
+
+        return _cut(DecodeWorkers(self, workers, position, chunk=batch_size).samples(), batch_size)
+
+
+def _cut(samples: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
 
 
 @dataclass(frozen=True)
@@ -229,21 +258,3 @@ class BatchLayout:
                     if (lane, index) in wanted:
                         update.append(((lane, index), batch))
             yield update
-
-
-def _as_is(item: Any) -> Any:
-    return item
-
-
-class _WorkerBatches(IterableDataset):
-    """Batch i of the rank's stream is decoded by DataLoader worker i % workers."""
-
-    def __init__(self, stream: ShardStream, batch_size: int, position: int):
-        self.stream, self.batch_size, self.position = stream, batch_size, position
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for index, batch in enumerate(self.stream.raw_batches(self.batch_size, self.position)):
-            if index % workers == worker:
-                yield [self.stream.decode(s) for s in batch]

@@ -52,9 +52,15 @@ def mask_mod(kind: str, text_len: int, grid: int, kernel: int = 11) -> MaskMod:
         if kind == "column":
             return (qi - ki) % grid == 0
         if kind == "conv":
-            rows = (torch.div(qi, grid, rounding_mode="floor") - torch.div(ki, grid, rounding_mode="floor")).abs()
-            cols = (qi % grid - ki % grid).abs()
-            return (rows <= radius) & (cols <= radius)
+            # The paper's causal convolutional mask (Ramesh et al. 2021, appendix B.1, Fig. 11d): a
+            # kernel x kernel window over the rows at and above the query, with wraparound like the row
+            # mask. The window is laid out in raster order: key = query - dr * grid + dc for a row offset
+            # dr in [0, radius] and a column offset dc in [-radius, radius], so near the image's left and
+            # right edges it continues on the neighbouring row instead of stopping at the edge. The row
+            # offset tried is the nearest whole number of rows back, clamped to the window.
+            back = qi - ki
+            rows = torch.div(back + grid // 2, grid, rounding_mode="floor").clamp(0, radius)
+            return (back - rows * grid).abs() <= radius
         return ki <= qi
 
     def mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

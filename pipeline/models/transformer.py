@@ -242,15 +242,24 @@ class Dalle(nn.Module):
         self.apply(base)
         self.apply(shrink)
 
+    def compile_units(self) -> list[nn.Module]:
+        """What `torch.compile` compiles (`pipeline.train.engine.compile_blocks`): the blocks."""
+        return list(self.blocks)
+
     def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Token + position embeddings of the whole sequence, [B, L, d_model]."""
+        """Token + position embeddings of the whole sequence, [B, L, d_model]. Every table is read
+        through its module's call, never as `.weight`: under ZeRO-3 a parameter is whole only
+        inside its own module's forward (DeepSpeed's hooks gather it there)."""
         cfg = self.cfg
         if text.ndim != 2 or text.shape[1] != cfg.text_len:
             raise ValueError(f"text must be [B, {cfg.text_len}], got {list(text.shape)}")
         if image.ndim != 2 or image.shape[1] != cfg.image_len or image.shape[0] != text.shape[0]:
             raise ValueError(f"image must be [{text.shape[0]}, {cfg.image_len}], got {list(image.shape)}")
-        txt = self.text_emb(text_ids(text, cfg.text_vocab)) + self.text_pos.weight
-        grid_pos = (self.row_emb.weight[:, None, :] + self.col_emb.weight[None, :, :]).reshape(cfg.image_len, -1)
+        txt = self.text_emb(text_ids(text, cfg.text_vocab)) + self.text_pos(
+            torch.arange(cfg.text_len, device=text.device)
+        )
+        cells = torch.arange(cfg.image_grid, device=image.device)
+        grid_pos = (self.row_emb(cells)[:, None, :] + self.col_emb(cells)[None, :, :]).reshape(cfg.image_len, -1)
         return torch.cat([txt, self.image_emb(image) + grid_pos], dim=1)
 
     def forward(self, text: torch.Tensor, image: torch.Tensor, return_loss: bool = False):
@@ -304,7 +313,7 @@ class Dalle(nn.Module):
                 raise ValueError(f"text must be [B, {cfg.text_len}] for a span with text positions")
             # Padding ids depend on the absolute position, so map the whole row before slicing.
             ids = text_ids(text, cfg.text_vocab)[:, start:stop]
-            parts.append(self.text_emb(ids) + self.text_pos.weight[start:stop])
+            parts.append(self.text_emb(ids) + self.text_pos(torch.arange(start, stop, device=text.device)))
         if end > cfg.text_len:
             j0, j1 = max(start, cfg.text_len) - cfg.text_len, end - cfg.text_len
             if image is None or image.ndim != 2 or image.shape[1] < j1:

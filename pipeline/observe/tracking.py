@@ -1,4 +1,6 @@
 """Run tracking: W&B (offline unless the user configured a project) plus a local `metrics.jsonl`.
+`WANDB_MODE=disabled` (W&B's own switch) keeps only the jsonl, and then W&B need not be installed
+(the GPU machine's suite runs the train loop so).
 
 The W&B run id is chosen once and kept in the training checkpoint, so a resumed run (after a
 crash, a worker restart or a rerun of `dalle run`) continues the same W&B run and curve. The
@@ -44,11 +46,15 @@ class Tracker:
         config: dict[str, Any],
         group: str | None = None,
     ):
-        import wandb
-
         self.folder = folder
         self.metrics_url = storage.join(folder, "metrics.jsonl")
         self._lines: list[str] = []
+        self._staging = None
+        self.run = None
+        if os.environ.get("WANDB_MODE") == "disabled":
+            return
+        import wandb
+
         os.environ.setdefault("WANDB_SILENT", "true")
         # W&B keeps its files on a local disk: under the stage folder when that is local, else in
         # a temporary folder copied to `<folder>/wandb/` at each flush (for `wandb sync` later)
@@ -88,17 +94,22 @@ class Tracker:
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
         self._lines.append(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}))
 
     def log_images(self, images: dict[str, np.ndarray], step: int, caption: str = "") -> None:
         """`images`: name -> uint8 HxWx3 grid."""
+        if self.run is None:
+            return
         import wandb
 
         self.run.log({k: wandb.Image(v, caption=caption) for k, v in images.items()}, step=step)
 
     def log_examples(self, name: str, images: list[tuple[np.ndarray, str]], step: int) -> None:
         """`images`: (uint8 HxWx3, caption) pairs, logged as one captioned panel."""
+        if self.run is None:
+            return
         import wandb
 
         self.run.log({name: [wandb.Image(image, caption=caption) for image, caption in images]}, step=step)
@@ -135,6 +146,8 @@ class Tracker:
 
     def finish(self) -> None:
         self.flush()
+        if self.run is None:
+            return
         self.run.finish()
         if self._staging is not None:
             self._upload_wandb()  # the files W&B completed at finish

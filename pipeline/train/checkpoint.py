@@ -1,5 +1,6 @@
-"""Training checkpoints through Ray Train: every rank saves its DeepSpeed files and its EMA shard
-into one checkpoint folder (`checkpoint_<step>`), with a list of the files it wrote; rank 0 adds
+"""Training checkpoints (reported to Ray Train, or copied in place by `TorchSession`): every rank
+saves its DeepSpeed files and its EMA shard into one checkpoint folder (`checkpoint_<step>`), with
+a list of the files it wrote; rank 0 adds
 the trainer state (step, data position, W&B run id, world size) and the task (to rebuild the
 model for `dalle export`).
 
@@ -32,6 +33,8 @@ import torch
 
 from pipeline import storage
 from pipeline.errors import CheckpointMismatch
+from pipeline.train.ema import reshard as reshard_ema
+from pipeline.train.reshard import save_shapes
 from pipeline.train.weights import DEEPSPEED_TAG
 
 log = logging.getLogger(__name__)
@@ -74,14 +77,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def save(engine, ema, state: dict[str, Any], task: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
-    """Saves on every rank (collective), then reports the checkpoint to Ray Train."""
-    import ray.train
-
+def save(
+    engine, ema, state: dict[str, Any], task: dict[str, Any], metrics: dict[str, float], rank: int, session
+) -> None:
+    """Saves on every rank (collective), then hands the checkpoint to the `session` (Ray Train's
+    report, or the run folder directly)."""
     _sweep_orphans()
     folder = tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-")
     try:
         engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
+        if rank == 0 and engine.zero_optimization_stage() >= 1:
+            save_shapes(engine, folder)  # what a conversion for another world size reads
         if ema is not None:
             os.makedirs(os.path.join(folder, "ema"))
             torch.save(ema.state_dict(), os.path.join(folder, "ema", f"rank_{rank:05d}.pt"))
@@ -93,11 +99,7 @@ def save(engine, ema, state: dict[str, Any], task: dict[str, Any], metrics: dict
         os.makedirs(os.path.join(folder, "ranks"))
         with open(os.path.join(folder, "ranks", f"rank_{rank:05d}.json"), "w") as f:
             json.dump(files, f)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=f"{PREFIX}{state['step']:08d}",
-        )
+        session.report(metrics, folder, f"{PREFIX}{state['step']:08d}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -176,13 +178,9 @@ def newest(run_url: str) -> str | None:
     registers a checkpoint when its controller next polls the workers, so a crash shortly after
     a report can leave a complete checkpoint on storage that Ray never registered, and resuming
     from Ray's older one would redo (and re-log) those steps."""
-    import torch.distributed as dist
+    from pipeline.train.collectives import broadcast_object, rank
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return latest_complete(run_url)
-    found = [latest_complete(run_url) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(found, src=0)
-    return found[0]
+    return broadcast_object(latest_complete(run_url) if rank() == 0 else None)
 
 
 def trainer_state(url: str) -> dict[str, Any]:
@@ -195,28 +193,29 @@ def trainer_state(url: str) -> dict[str, Any]:
 
 def load(engine, ema, url: str, state: dict[str, Any], rank: int, world: int) -> None:
     """Restores the checkpoint at `url` (with trainer `state`) into `engine` and `ema`. On the
-    world that wrote it each rank fetches only `rank_files`; on another, the universal folder
-    (ZeRO 1-3, engine built with `load_universal`) or the whole ZeRO-0 files, and every EMA shard
-    to re-cut its own."""
-    from pipeline.train.ema import reshard
-    from pipeline.train.universal import UNIVERSAL_TAG, converted
+    world that wrote it each rank fetches only `rank_files`; on another, ZeRO 1-3 states come from
+    the converted checkpoint, each rank fetching only its own partitions' bytes
+    (`pipeline.train.reshard`), and ZeRO-0 states, whole on every rank, from rank 0's files with
+    every EMA shard to re-cut its own."""
+    from pipeline.train import reshard
 
+    if state["world"] != world and reshard.needs_conversion(engine.zero_optimization_stage()):
+        if not reshard.converted(url):
+            raise CheckpointMismatch(f"{url}: written by {state['world']} workers and not converted for {world}")
+        fetched = reshard.load(engine, ema, url, rank, world)
+        log.info(
+            "rank %d resumed from %s at step %d (written by %d workers, re-cut for %d), fetching %.1f MB",
+            rank, url, state["step"], state["world"], world, fetched / 1e6,
+        )  # fmt: skip
+        return
     same_world = state["world"] == world
-    if same_world:
-        files = rank_files(url, rank)
-    elif engine.zero_optimization_stage() == 0:
-        files = rank_files(url, 0)
+    files = rank_files(url, rank if same_world else 0)
+    if not same_world:
         files = [f for f in files if not f.startswith("ema/")] + _ema_files(url)
-    elif not converted(url):
-        raise CheckpointMismatch(f"{url}: written by {state['world']} workers and not converted for {world}")
-    else:
-        files = sorted({f"{UNIVERSAL_TAG}/{f}" for f in storage.file_sizes(storage.join(url, UNIVERSAL_TAG))})
-        files += _ema_files(url)
-    tag = DEEPSPEED_TAG if same_world or engine.zero_optimization_stage() == 0 else UNIVERSAL_TAG
     with storage.local_copy(url, files) as folder:  # DeepSpeed reads local files only
-        load_path, _ = engine.load_checkpoint(folder, tag=tag, load_module_strict=True)
+        load_path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG, load_module_strict=True)
         if load_path is None:
-            raise CheckpointMismatch(f"{url}: DeepSpeed found no '{tag}' checkpoint in it")
+            raise CheckpointMismatch(f"{url}: DeepSpeed found no '{DEEPSPEED_TAG}' checkpoint in it")
         if ema is not None:
             if same_world:
                 path = os.path.join(folder, "ema", f"rank_{ema.rank:05d}.pt")
@@ -224,7 +223,7 @@ def load(engine, ema, url: str, state: dict[str, Any], rank: int, world: int) ->
             else:
                 paths = [os.path.join(folder, f) for f in files if f.startswith("ema/")]
                 saved = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
-                ema.load_state_dict(reshard(saved, rank, world))
+                ema.load_state_dict(reshard_ema(saved, rank, world))
     how = "" if same_world else f" (written by {state['world']} workers, re-cut for {world})"
     log.info("rank %d resumed from %s at step %d%s, reading %d files", rank, url, state["step"], how, len(files))
 

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from pipeline.train.collectives import all_gather
+
 
 def partition_size(numel: int, world: int) -> int:
     return math.ceil(numel / world)
@@ -54,8 +56,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            self.shadow[name].lerp_(_local_slice(param, self.rank, self.world), 1.0 - self.decay)
+        """One EMA step towards the model's current weights: one batched lerp over every slice
+        (a few kernel launches, not one per parameter: ~800 at 12B)."""
+        names = list(self.shadow)
+        params = dict(model.named_parameters())
+        current = [_local_slice(params[n], self.rank, self.world) for n in names]
+        torch._foreach_lerp_([self.shadow[n] for n in names], current, 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {"rank": self.rank, "world": self.world, "shapes": self.shapes, "shadow": self.shadow}
@@ -69,14 +75,9 @@ class EMA:
         self.shadow = {k: v.float().to(self.shadow[k].device).clone() for k, v in state["shadow"].items()}
 
     def _all_parts(self, name: str) -> list[torch.Tensor]:
-        import torch.distributed as dist
-
-        local = self.shadow[name]
-        if not dist.is_initialized() or self.world == 1:
-            return [local]
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local)
-        return parts
+        """Every rank's slice of `name`, in rank order, on the collective's device (the shadow may
+        live on the host, with offloaded parameters, while NCCL gathers on the GPU)."""
+        return all_gather(self.shadow[name])
 
     @torch.no_grad()
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -93,41 +94,40 @@ class EMA:
         return out if self.rank == 0 else None
 
     @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """Within the block `model` (the engine's module) computes with the EMA weights, in its own
-        dtype: under ZeRO-3 each rank copies its slices into its own partitions (nothing gathered);
+    def applied(self, engine) -> Iterator[None]:
+        """Within the block the engine's module computes with the EMA weights, in its own dtype:
+        under ZeRO-3 each rank copies its slices into its own partitions (nothing gathered);
         otherwise every rank assembles each full parameter in turn. The engine's weights are
-        restored on exit. Collective."""
-        params = dict(model.named_parameters())
+        restored on exit. Collective.
+
+        Under ZeRO-3 DeepSpeed keeps some parameters gathered between forwards (persistent small
+        ones, and those its prefetcher expects to reuse soon); a forward would then compute with
+        those stale whole copies instead of the partitions. So every gathered copy is released
+        (`empty_partition_cache`) before the swap and again before the restore, and the persistent
+        ones gathered back after it, as DeepSpeed does after a step."""
+        module = engine.module
+        params = dict(module.named_parameters())
         zero3 = any(hasattr(p, "ds_tensor") for p in params.values())
         saved: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            with _persistent_released(params.values() if zero3 else ()):
-                for name, param in params.items():
-                    target = param.ds_tensor if zero3 else param.data
-                    saved[name] = target.clone()
-                    value = self.shadow[name] if zero3 else _assemble(self._all_parts(name), self.shapes[name])
-                    target.copy_(value.reshape(target.shape).to(target.dtype))
+            if zero3:
+                engine.empty_partition_cache()
+            for name, param in params.items():
+                target = param.ds_tensor if zero3 else param.data
+                saved[name] = target.clone()
+                value = self.shadow[name] if zero3 else _assemble(self._all_parts(name), self.shapes[name])
+                target.copy_(value.reshape(target.shape).to(target.dtype))
         try:
             yield
         finally:
-            with torch.no_grad(), _persistent_released(params.values() if zero3 else ()):
+            with torch.no_grad():
+                if zero3:
+                    engine.empty_partition_cache()
                 for name, param in params.items():
                     (param.ds_tensor if zero3 else param.data).copy_(saved.pop(name))
-
-
-@contextmanager
-def _persistent_released(params) -> Iterator[None]:
-    """ZeRO-3 keeps small parameters whole on every rank ("persistent"): drop those copies while the
-    partitions change, gather them again from the partitions after (as DeepSpeed does after a step)."""
-    persistent = [p for p in params if getattr(p, "ds_persist", False)]
-    if persistent:
-        persistent[0].partition(persistent)
-    try:
-        yield
-    finally:
-        if persistent:
-            persistent[0].all_gather(persistent)
+                persistent = [p for p in params.values() if getattr(p, "ds_persist", False)]
+                if persistent:
+                    persistent[0].all_gather(persistent)
 
 
 def _assemble(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """DeepSpeed engines from the recipe: ZeRO stage, precision, optimiser, clipping, accumulation.
 
-On GPU the optimiser is DeepSpeed's fused AdamW and the precision the recipe's (bf16, or fp16
-with dynamic loss scaling); on CPU (`DS_ACCELERATOR=cpu`, gloo) it is torch's AdamW in fp32.
-Both are the same update rule. The recipe's raw `deepspeed` block is merged over the result.
+On GPU the optimiser is torch's fused AdamW (one kernel over the flat partitions, and nothing to
+build: DeepSpeed's own FusedAdam is compiled with nvcc on each node at the first step) and the
+precision the recipe's (bf16, or fp16 with dynamic loss scaling); with the optimizer offloaded it is
+DeepSpeed's CPU Adam (built once per node; torch's AdamW on the host is several times slower). On
+CPU (`DS_ACCELERATOR=cpu`, gloo) it is torch's AdamW in fp32. All are the same update rule. The
+recipe's raw `deepspeed` block is merged over the result.
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, An
         ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     # DeepSpeed clips at 1.0 unless told otherwise; null means no clipping
     ds["gradient_clipping"] = cfg.grad_clip if cfg.grad_clip is not None else 0.0
-    if on_gpu:
+    if on_gpu and cfg.offload_optimizer:
         ds["optimizer"] = {
             "type": "AdamW",
             "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay},
         }
+    if on_gpu:
         if cfg.precision == "bf16":
             ds["bf16"] = {"enabled": True}
         elif cfg.precision == "fp16":
@@ -67,16 +71,37 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, An
 def build_model(build: Callable[[], nn.Module], cfg: TrainConfig, world: int, on_gpu: bool) -> nn.Module:
     """`build()` under `deepspeed.zero.Init` for ZeRO-3: each module's parameters are partitioned
     as soon as it is built, so a rank never holds more than its partition and one module whole
-    (49 GB of fp32 per rank at 12B otherwise). Other stages build as usual."""
+    (49 GB of fp32 per rank at 12B otherwise). Other stages build as usual. The model's blocks are
+    then compiled when `cfg.compile` says so (`compile_blocks`)."""
     if cfg.zero_stage != 3:
-        return build()
-    import deepspeed
+        model = build()
+    else:
+        import deepspeed
 
-    ds = deepspeed_config(cfg, world, on_gpu)
-    # only what partitioning reads: zero.Init checks batch sizes against a world it may not see yet
-    init = {k: ds[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds}
-    with deepspeed.zero.Init(config_dict_or_path={**init, "train_micro_batch_size_per_gpu": cfg.batch_size}):
-        return build()
+        ds = deepspeed_config(cfg, world, on_gpu)
+        # only what partitioning reads: zero.Init checks batch sizes against a world it may not see yet
+        init = {k: ds[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds}
+        with deepspeed.zero.Init(config_dict_or_path={**init, "train_micro_batch_size_per_gpu": cfg.batch_size}):
+            model = build()
+    if compiles(cfg, on_gpu):
+        compile_blocks(model)
+    return model
+
+
+def compiles(cfg: TrainConfig, on_gpu: bool) -> bool:
+    """Whether the recipe's `compile` setting compiles on this device."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and on_gpu)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """`torch.compile`s each of the model's `compile_units()` in place (lazily: the first call
+    compiles); returns how many. Per block rather than the whole model: one graph serves every
+    layer of a kind, and ZeRO-3's parameter hooks (kept out of the graphs by DeepSpeed) break the
+    graph only between blocks' submodules, never across the model."""
+    units = list(getattr(model, "compile_units", list)())
+    for unit in units:
+        unit.compile()
+    return len(units)
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, world: int, on_gpu: bool):
@@ -87,7 +112,12 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world: int, on_gpu: bool):
     optimizer = None
     if "optimizer" not in ds:
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            model.parameters(),
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=on_gpu or None,  # None: torch's default (foreach) on CPU
         )
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=model.parameters(), config=ds, dist_init_required=False

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.data.loader import ShardSpan, read_span
+from pipeline.train.collectives import all_reduce_sum
 
 
 def share(held: list[Any], rank: int, world: int) -> tuple[list[Any], int]:
@@ -32,19 +33,11 @@ def share(held: list[Any], rank: int, world: int) -> tuple[list[Any], int]:
     return part + [held[0]] * (size - len(part)), len(part)
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    return values
-
-
 def sharded_means(per_sample: dict[str, np.ndarray], real: int) -> dict[str, float]:
     """Means over every rank's real samples of per-sample metrics (collective)."""
     keys = sorted(per_sample)
     sums = [float(np.asarray(per_sample[k][:real], dtype=np.float64).sum()) for k in keys]
-    totals = _all_reduce_sum(torch.tensor([*sums, float(real)], dtype=torch.float64)).tolist()
+    totals = all_reduce_sum(torch.tensor([*sums, float(real)], dtype=torch.float64)).tolist()
     count = totals[-1]
     return {k: v / count for k, v in zip(keys, totals[:-1])} if count else {}
 
@@ -75,7 +68,7 @@ def evaluate_with_ema(task, engine, ema, held: list[Any], real: int | None, devi
     shown. Collective."""
     scores, images = evaluate(task, engine.module, held, real, device)
     if ema is not None:
-        with ema.applied(engine.module):
+        with ema.applied(engine):
             ema_scores, ema_images = evaluate(task, engine.module, held, real, device)
         scores = {**scores, **{f"ema_{k}": v for k, v in ema_scores.items()}}
         images = ema_images or images

@@ -122,17 +122,6 @@ def window_means(window: list[dict[str, Any]]) -> dict[str, float]:
     return means
 
 
-def _mean_across_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    import torch.distributed as dist
-
-    keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return dict(zip(keys, values.tolist()))
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     """What every training worker is given (built by `pipeline.train.trainer.fit`)."""
@@ -164,24 +153,35 @@ class TrainSpec:
 
 def train_worker(spec: TrainSpec) -> None:
     """Ray Train's `train_loop_per_worker`."""
-    on_gpu = spec.use_gpu and torch.cuda.is_available()
+    on_gpu = spec.use_gpu
+    if on_gpu and not torch.cuda.is_available():  # never a silent fall back to fp32 on CPUs
+        raise RuntimeError("the recipe asks for GPUs (train.use_gpu) but torch sees no CUDA device in this worker")
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    import ray.train
     import ray.train.torch
 
+    from pipeline.train.session import RaySession
+
+    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+    run(spec, RaySession(), device)
+
+
+def run(spec: TrainSpec, session, device: torch.device):
+    """Trains `spec` on this rank of `session` (a `pipeline.train.session.Session`), on `device`,
+    from the run's newest complete checkpoint to `spec.train.steps`, then exports the weights;
+    returns the DeepSpeed engine. `torch.distributed` is initialised (NCCL on GPUs)."""
     from pipeline.observe.tracking import Tracker, new_run_id
     from pipeline.train import checkpoint, throughput
+    from pipeline.train.collectives import mean_across_ranks
     from pipeline.train.ema import EMA
     from pipeline.train.engine import autocast_dtype, build_engine, build_model, loss_scale, set_lr
     from pipeline.train.evaluation import evaluate_with_ema, held_out
     from pipeline.train.paths import progress_url, run_storage, sample_keys_url
     from pipeline.train.schedules import learning_rate
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = device.type == "cuda"
+    rank, world = session.rank, session.world
     cfg = spec.train
-    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     dtype = autocast_dtype(cfg, on_gpu)
     task = load_task(spec.task, spec.config)
 
@@ -191,8 +191,6 @@ def train_worker(spec: TrainSpec) -> None:
         state = {"step": 0, "run_id": new_run_id(), "lanes": world, "per_lane": cfg.grad_accum}
     layout = BatchLayout(state["lanes"], state["per_lane"])
     run_cfg = cfg.model_copy(update={"grad_accum": layout.slots // world})  # this world's share of an update
-    if url and state["world"] != world and cfg.zero_stage >= 1:  # converted by the driver (`universal`)
-        run_cfg = run_cfg.model_copy(update={"deepspeed": {**cfg.deepspeed, "checkpoint": {"load_universal": True}}})
     torch.manual_seed(cfg.seed)
     engine = build_engine(build_model(task.build_model, run_cfg, world, on_gpu), run_cfg, world, on_gpu)
     ema = EMA(engine.module, cfg.ema_decay, rank, world) if cfg.ema_decay is not None else None
@@ -245,7 +243,7 @@ def train_worker(spec: TrainSpec) -> None:
         last = step == cfg.steps
         if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
             metrics = window_means(window)
-            metrics = _mean_across_ranks(metrics, device)
+            metrics = mean_across_ranks(metrics)
             seconds = time.monotonic() - started
             samples_per_s = (step - window_start) * per_update / max(seconds, 1e-9)
             metrics.update(lr=lr, samples_per_s=samples_per_s, **throughput.memory_gb(device))
@@ -275,11 +273,12 @@ def train_worker(spec: TrainSpec) -> None:
             keys = []
             state = {**state, "step": step, "world": world, "samples": step * per_update}
             task_spec = {"task": spec.task, "config": spec.config}
-            checkpoint.save(engine, ema, state, task_spec, {"step": step}, rank)
+            checkpoint.save(engine, ema, state, task_spec, {"step": step}, rank, session)
 
     _export(task, engine, ema, spec.out_url, rank)
     if tracker is not None:
         tracker.finish()
+    return engine
 
 
 def _export(task: TrainTask, engine, ema, out_url: str, rank: int) -> None:

@@ -20,18 +20,16 @@ from pipeline.observe.progress import StageProgress
 from pipeline.train.checkpoint import resumable
 from pipeline.train.loop import TrainSpec, train_worker
 from pipeline.train.paths import progress_url, run_storage, train_storage
-from pipeline.train.universal import convert, converted, needs_conversion
+from pipeline.train.reshard import convert, converted, needs_conversion
 
 log = logging.getLogger(__name__)
 
 
 def wants_gpu(cfg: TrainConfig) -> bool:
-    """The recipe's `use_gpu`, or whether the cluster has GPUs when it is null."""
-    if cfg.use_gpu is not None:
-        return cfg.use_gpu
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    """The recipe's `use_gpu` (null: no), whatever the cluster has now: an autoscaling cluster has
+    no GPU node when a run starts, and only Ray Train's ask for them makes it start some. (The
+    stage has made sure they can be had: `pipeline.engine.resources.await_gpus`.)"""
+    return bool(cfg.use_gpu)
 
 
 def _worker_errors(err: Exception) -> str:
@@ -42,10 +40,11 @@ def _worker_errors(err: Exception) -> str:
     return one_line(err)
 
 
-def _prepare_resume(label: str, run_url: str, cfg: TrainConfig) -> None:
+def prepare_resume(label: str, run_url: str, cfg: TrainConfig, run_tasks=None) -> None:
     """When the newest checkpoint was written by another number of workers: refuses (one line) a
-    worker count that cannot share the run's updates, and converts ZeRO 1-3 files to a universal
-    checkpoint (a Ray task, once per checkpoint) for the new world to load."""
+    worker count that cannot share the run's updates, and converts ZeRO 1-3 states for the new world
+    (`pipeline.train.reshard.convert`: one task per old rank, once per checkpoint). `run_tasks(fn,
+    args_list)` runs the tasks: Ray tasks on the cluster by default."""
     found = resumable(run_url)
     if found is None or found[1]["world"] == cfg.workers:
         return
@@ -55,15 +54,20 @@ def _prepare_resume(label: str, run_url: str, cfg: TrainConfig) -> None:
         raise StageFailed(f"stage '{label}': cannot resume {url} on {cfg.workers} workers: {problem}")
     log.info("%s: resuming a run of %d workers on %d", label, state["world"], cfg.workers)
     if needs_conversion(cfg.zero_stage) and not converted(url):
-        import ray
-
-        task = ray.remote(num_cpus=1)(convert).options(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
         try:
-            ray.get(task.remote(url))
+            convert(url, state["world"], run_tasks or _ray_tasks)
         except Exception as err:  # noqa: BLE001 - a failed conversion ends the stage in one line
             raise StageFailed(
-                f"stage '{label}': converting {url} to a universal checkpoint failed: {one_line(err)}"
+                f"stage '{label}': converting {url} for {cfg.workers} workers failed: {one_line(err)}"
             ) from None
+
+
+def _ray_tasks(fn, args_list: list[tuple]) -> list:
+    """`fn(*args)` for each args as Ray tasks of one CPU, spread over the cluster; their results."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn).options(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    return ray.get([task.remote(*args) for args in args_list])
 
 
 def fit(
@@ -86,7 +90,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    _prepare_resume(label, run_storage(stage_url), cfg)
+    prepare_resume(label, run_storage(stage_url), cfg)
     use_gpu = wants_gpu(cfg)
     train_spans, held_spans = split_holdout(Ledger(data_url).spans(), holdout)
     spec = TrainSpec(
