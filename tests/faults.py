@@ -349,7 +349,8 @@ def url_list_changed(work: Path, ref: Reference) -> Row:
 
 def hostile_url_list(work: Path, ref: Reference) -> Row:
     """Local files, other schemes, decompression bombs, redirects to refused addresses, HTML pages,
-    404s, oversized bodies and a host slower than the timeout, among good images, in one list."""
+    404s, oversized bodies, a host slower than the timeout and hosts dripping past the deadline,
+    among good images, in one list."""
     from pipeline.config.data import SyntheticConfig
     from pipeline.stages.ingest import FAILURES
     from pipeline.synthetic.dataset import generate
@@ -360,8 +361,8 @@ def hostile_url_list(work: Path, ref: Reference) -> Row:
     secret = work / "secret.jpg"
     secret.write_bytes(b"\xff\xd8 not for the dataset")
     dataset = generate(SyntheticConfig(count=30, seed=6, defect_fraction=0.0))
-    timeout_s, max_bytes = 1.0, 300_000
-    extra, hostile = hostile_rows(str(secret), max_bytes, timeout_s)
+    timeout_s, max_bytes, deadline_s = 1.0, 300_000, 2.0
+    extra, hostile = hostile_rows(str(secret), max_bytes, timeout_s, deadline_s)
     with LoopbackServer({**dataset.files, **extra}) as server:
         good = [{"url": server.url + r["path"], "caption": r["caption"], "expect": "success"} for r in dataset.rows]
         bad = [
@@ -376,7 +377,13 @@ def hostile_url_list(work: Path, ref: Reference) -> Row:
         listed = work / "list.parquet"
         pq.write_table(pa.Table.from_pylist([{"url": r["url"], "caption": r["caption"]} for r in rows]), listed)
         recipe = _url_list_recipe(
-            work, [listed], allow_networks=["127.0.0.1/32"], timeout_s=timeout_s, max_bytes=max_bytes, threads=8
+            work,
+            [listed],
+            allow_networks=["127.0.0.1/32"],
+            timeout_s=timeout_s,
+            download_deadline_s=deadline_s,
+            max_bytes=max_bytes,
+            threads=8,
         )
         broken(row, dalle("run", recipe, "--until", "ingest", "--no-progress"))
         row.rerun_exit_code = dalle("run", recipe, "--until", "ingest", "--no-progress").returncode

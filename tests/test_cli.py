@@ -178,9 +178,8 @@ def test_a_real_url_list_with_laion_column_names(tmp_path):
     ingest = json.loads((tmp_path / "out" / "ingest" / "_done.json").read_text())
     assert ingest["samples_in"] == len(rows)
     assert ingest["samples_out"] + sum(ingest["counts"].values()) == len(rows)
-    failures = sum(
-        1 for r in rows if r["expect"] in ("connection_error", "http_4xx", "http_5xx", "decode_error", "truncated")
-    )
+    lost = ("connection_error", "http_4xx", "http_5xx", "unsupported_format", "decode_error", "truncated")
+    failures = sum(1 for r in rows if r["expect"] in lost)
     assert sum(ingest["counts"].values()) == failures
     manifest = pq.read_table(tmp_path / "out" / "filter" / "00000.parquet")
     assert manifest.num_rows > 0
@@ -219,6 +218,42 @@ def test_several_url_lists_are_planned_one_task_each_and_a_changed_list_is_refus
     assert "\n" not in line and "stage 'ingest'" in line and "b.csv" in line
 
 
+@pytest.mark.slow
+def test_an_ingest_of_mostly_dead_links_warns_fails_when_asked_and_resumes_with_a_relaxed_limit(tmp_path):
+    """48 of 60 rows on a closed port: over `ingest.max_failed_share` the run exits 1 in one line and
+    `dalle status` says why; raising the limit finishes the stage from its committed shards."""
+    dataset = generate(SyntheticConfig(count=12, seed=5, defect_fraction=0.0))
+    with LoopbackServer(dataset.files) as server:
+        rows = [
+            {"url": server.url + r["path"], "caption": r["caption"]} if i % 5 == 0 else {"url": f"{dead_url()}/{i}.jpg"}
+            for i, r in enumerate(r for r in dataset.rows for _ in range(5))
+        ]
+        urls = tmp_path / "urls.parquet"
+        pq.write_table(pa.Table.from_pylist([{"caption": f"row {i}", **r} for i, r in enumerate(rows)]), urls)
+        recipe = str(recipe_for(tmp_path, [urls], shard_size=20))
+        failed = dalle("run", recipe, "--until", "ingest", "--no-progress", "ingest.max_failed_share=0.5")
+        fetched = list(server.served)
+        status = dalle("status", recipe, "--json", "ingest.max_failed_share=0.5")
+        done = dalle("run", recipe, "--until", "ingest", "--no-progress", "ingest.max_failed_share=0.9")
+        refetched = server.served[len(fetched) :]
+    share = "80.0% of 60 rows failed (connection_error 48)"
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.strip() == (
+        f"dalle: stage 'ingest': {share}, above ingest.max_failed_share 0.5; its 3 shards stay committed: fix the "
+        "cause and rerun, or raise ingest.max_failed_share (null: never fail) and rerun to finish without fetching "
+        "them again"
+    )
+    assert sorted(fetched) == sorted(r["path"] for r in dataset.rows)
+    ingest = json.loads(status.stdout)[0]
+    assert (ingest["stage"], ingest["state"], ingest["shards_done"], ingest["failures"]) == ("ingest", "failed", 3, 0)
+    assert ingest["warning"] == f"ingest: {share}, above ingest.max_failed_share 0.5"
+    assert done.returncode == 0, done.stderr
+    assert f"WARNING pipeline.stages.base: ingest: {share}, above ingest.warn_failed_share 0.3" in done.stderr
+    assert refetched == []  # the committed shards were not downloaded again
+    stats = json.loads((tmp_path / "out" / "ingest" / "_done.json").read_text())
+    assert (stats["samples_in"], stats["samples_out"]) == (60, 12)
+
+
 def test_plan_for_the_12b_recipe_on_64_and_512_gpus():
     for gpus in (64, 512):
         result = dalle("plan", "jobs/laion-250m-12b.yaml", "--gpus", str(gpus), "--gpu-mem", "80", "--json")
@@ -229,11 +264,19 @@ def test_plan_for_the_12b_recipe_on_64_and_512_gpus():
         for key in ("gpu_peak_gb", "host_peak_gb_per_node", "step_seconds", "comm_gb_per_step"):
             assert plan[key] > 0, key
         assert plan["recipe"]["hpz_copy_gb"] > 0  # the recipe follows the ZeRO++ advice
+        # where each stage runs is the recipe's: encode and train ask for GPUs, the models are given
+        assert plan["stages"] == {
+            "dvae": "given weights",
+            "clip": "given weights",
+            "encode": "64 actors x 1 GPU",
+            "train": "512 workers x 1 GPU",
+        }
         zero0 = [r for r in plan["model_states"] if r["zero_stage"] == 0][0]
         assert not zero0["fits"]  # 16 bytes x 12.3B parameters on one 80 GB GPU
     text = dalle("plan", "jobs/laion-250m-12b.yaml", "--gpus", "8", "--gpu-mem", "24")
     assert text.returncode == 0 and "12,293,824,256" in text.stdout
     assert "DOES NOT FIT" in text.stdout and "hint" in text.stdout  # 8 x 24 GB: states alone exceed it
+    assert "stages       dvae: given weights; clip: given weights; encode: 64 actors x 1 GPU;" in text.stdout
 
 
 @pytest.mark.parametrize(

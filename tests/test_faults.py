@@ -19,7 +19,7 @@ MESSAGES = {
         r"^dalle: the object store does not answer \(.*127\.0\.0\.1.*\); rerun the same command",
     ),
     "url_list_changed": (2, r"^dalle: error: stage 'ingest': .* different recipe or input .*list\.csv.*--force ingest"),
-    "hostile_url_list": (0, r"^ingest: 45 in, 30 out \(.*too_many_pixels 2\)"),
+    "hostile_url_list": (0, r"^ingest: 48 in, 30 out \(.*too_many_pixels 2, too_slow 2, unsupported_format 2\)"),
     "ray_head_running_then_stale": (0, r"^ingest: \d+ in, \d+ out"),
     "secrets_in_files": (0, r"^filter: \d+ in, \d+ out"),
     # the warning when the kill landed inside the save (the newest checkpoint half-written), else

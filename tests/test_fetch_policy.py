@@ -1,6 +1,7 @@
 """What ingest may fetch (`pipeline/data/fetch_policy.py`): schemes, addresses after DNS and on
-every redirect, bounded bodies, pixel counts from the header; and img2dataset's own downloader
-running under the guard on a shard of hostile rows.
+every redirect, bounded bodies, a deadline per download, formats and pixel counts from the header,
+OpenCV's own pixel cap; and img2dataset's own downloader running under the guard on a shard of
+hostile rows.
 
 Only 127.0.0.1 is ever connected to: every test runs with `socket.create_connection` wrapped so
 that any other address fails the test before a packet leaves, and the other ranges are reached
@@ -10,7 +11,10 @@ through an injected resolver whose answers the guard must refuse before connecti
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
+import sys
 import tarfile
 import urllib.request
 
@@ -18,18 +22,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from pipeline.cluster.driver import WORKER_ENV
 from pipeline.data.fetch_policy import (
     AddressPolicy,
     FetchGuard,
     address_kind,
     guarded_urllib,
-    pixel_refusal,
+    header_refusal,
     scheme_refusal,
 )
 from pipeline.data.images import png_bytes
 from pipeline.stages.ingest import FAILURES, classify_error
-from pipeline.synthetic.hostile import hostile_rows, png_bomb
+from pipeline.synthetic.hostile import hostile_rows, png_bomb, radiance_hdr
 from pipeline.synthetic.server import LoopbackServer
 
 
@@ -64,7 +70,11 @@ def loopback_only(monkeypatch):
 
 @pytest.fixture
 def server():
-    files = {"/a.png": (png_image(), "image/png"), "/big.bin": (bytes(5000), "application/octet-stream")}
+    files = {
+        "/a.png": (png_image(), "image/png"),
+        "/big.bin": (bytes(5000), "application/octet-stream"),
+        "/six.txt": (b"abcdef", "text/plain"),
+    }
     with LoopbackServer(files) as srv:
         yield srv
 
@@ -159,17 +169,53 @@ def test_bodies_are_bounded_with_and_without_a_declared_length(server):
     assert len(fetch(FetchGuard(AddressPolicy(allow_private=True), 5000), f"{server.url}/big.bin?nolength")) == 5000
 
 
-def test_pixels_are_read_from_the_header_before_any_decode():
+def test_a_download_ends_at_its_deadline_redirects_included(server):
+    """A host sending a byte every 0.1 s never lets a read time out; the deadline, started with the
+    first request and kept across its redirect, ends the download (a fresh one per hop would not)."""
+    guard = FetchGuard(AddressPolicy(allow_private=True), 1 << 20, deadline_s=1.0)
+    assert refusal(guard, f"{server.url}/slow/0.6/redirect/302?to=/drip/0.1/six.txt") == "too_slow"
+    assert fetch(guard, f"{server.url}/drip/0.1/six.txt") == b"abcdef"  # 0.6 s: within its own deadline
+
+
+def test_pixels_and_formats_are_read_from_the_header_before_any_decode():
     bomb = png_bomb(12_000)
     assert len(bomb) < 300_000
     stream = io.BytesIO(bomb)
-    assert pixel_refusal(stream, 89_478_485).startswith("too_many_pixels: 12000x12000")
+    assert header_refusal(stream, 89_478_485).startswith("too_many_pixels: 12000x12000")
     assert stream.tell() == 0
-    assert pixel_refusal(io.BytesIO(bomb), 200_000_000) is None
-    assert pixel_refusal(io.BytesIO(png_image()), 100) is not None
-    assert pixel_refusal(io.BytesIO(png_image()), 89_478_485) is None
-    assert pixel_refusal(io.BytesIO(b"<html>not an image</html>"), 1) is None  # the decoder reports it
-    assert pixel_refusal(io.BytesIO(png_bomb(20_000)), 89_478_485).startswith("too_many_pixels")
+    assert header_refusal(io.BytesIO(bomb), 200_000_000) is None
+    assert header_refusal(io.BytesIO(png_image()), 100) is not None
+    assert header_refusal(io.BytesIO(png_image()), 89_478_485) is None
+    assert header_refusal(io.BytesIO(png_bomb(20_000)), 89_478_485).startswith("too_many_pixels")
+    # what PIL cannot size is never decoded: OpenCV reads Radiance HDR (and TIFF) past the limit
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiff, "TIFF")
+    for body in (radiance_hdr(6000, 6000, rows=1), tiff.getvalue(), b"<html>not an image</html>"):
+        stream = io.BytesIO(body)
+        assert header_refusal(stream, 89_478_485).startswith("unsupported_format: "), body[:16]
+        assert stream.tell() == 0
+    for fmt in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP"):  # MPO: a camera's JPEG with more frames
+        image, frame = io.BytesIO(), Image.new("RGB", (8, 8))
+        frame.save(image, fmt, save_all=fmt == "MPO", append_images=[frame])
+        assert Image.open(image).format == fmt
+        assert header_refusal(io.BytesIO(image.getvalue()), 64) is None, fmt
+
+
+def test_opencv_in_a_ray_worker_refuses_what_passes_its_pixel_cap():
+    """The backstop behind the header check: with the workers' environment, OpenCV (loaded fresh)
+    refuses a header over the cap before allocating, and ingest counts that as `too_many_pixels`."""
+    claims = radiance_hdr(14_000, 13_000, rows=0)  # 182M pixels claimed, none sent
+    probe = (
+        "import sys, cv2, numpy as np\n"
+        "try:\n"
+        "    cv2.imdecode(np.frombuffer(sys.stdin.buffer.read(), np.uint8), cv2.IMREAD_UNCHANGED)\n"
+        "except cv2.error as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, **WORKER_ENV}
+    done = subprocess.run([sys.executable, "-c", probe], input=claims, capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert classify_error(done.stdout.decode()) == "too_many_pixels", done.stdout
 
 
 def test_img2dataset_under_the_guard_counts_every_hostile_row_and_keeps_every_good_one(tmp_path, monkeypatch):
@@ -181,8 +227,15 @@ def test_img2dataset_under_the_guard_counts_every_hostile_row_and_keeps_every_go
     monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")  # its import-time version check goes online
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(png_image())
-    cfg = IngestSection(url_lists=("unused.parquet",), image_size=32, timeout_s=1.0, max_bytes=200_000, threads=8)
-    extra, rows = hostile_rows(str(secret), cfg.max_bytes, cfg.timeout_s)
+    cfg = IngestSection(
+        url_lists=("unused.parquet",),
+        image_size=32,
+        timeout_s=1.0,
+        download_deadline_s=2.0,
+        max_bytes=200_000,
+        threads=8,
+    )
+    extra, rows = hostile_rows(str(secret), cfg.max_bytes, cfg.timeout_s, cfg.download_deadline_s)
     good = {f"/good{i}.png": (png_image(seed=i), "image/png") for i in range(6)}
     with LoopbackServer({**good, **extra}) as srv:
         urls = [r.path_or_url if ":" in r.path_or_url.split("/")[0] else srv.url + r.path_or_url for r in rows]

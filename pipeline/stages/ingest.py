@@ -25,7 +25,14 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config.data import IngestSection
-from pipeline.data.fetch_policy import REASONS, AddressPolicy, FetchGuard, PixelLimit, guarded_urllib, scheme_refusal
+from pipeline.data.fetch_policy import (
+    REASONS,
+    AddressPolicy,
+    FetchGuard,
+    HeaderCheck,
+    guarded_urllib,
+    scheme_refusal,
+)
 from pipeline.data.url_lists import inspect_url_lists, iter_url_list, shard_table
 from pipeline.engine.ledger import Attempt, Ledger, ShardResult
 from pipeline.engine.schemas import RAW_MANIFEST, validate_table
@@ -36,7 +43,8 @@ from pipeline.stages.base import RunContext, Stage
 log = logging.getLogger(__name__)
 
 # Ingest failure reasons: every URL-list row is a success or exactly one of these. The refusals
-# of `fetch_policy` (schemes, addresses, bytes, pixels) come first; `disallowed` is X-Robots-Tag.
+# of `fetch_policy` (schemes, addresses, bytes, time, formats, pixels) come first; `disallowed` is
+# X-Robots-Tag.
 FAILURES = (*REASONS, "http_4xx", "http_5xx", "connection_error", "timeout", "decode_error", "disallowed", "other")
 
 
@@ -46,6 +54,8 @@ def classify_error(message: str | None) -> str:
     refusal = next((reason for reason in REASONS if reason in m), None)
     if refusal is not None:
         return refusal
+    if "cv_io_max_image_pixels" in m:  # OpenCV's own cap (`fetch_policy.OPENCV_ENV`), behind the header check
+        return "too_many_pixels"
     if m.startswith("unknown url type"):  # urllib's word for a URL without a scheme
         return "disallowed_scheme"
     if m.startswith("http error 4"):
@@ -153,7 +163,7 @@ def _downloader(cfg: IngestSection, output_folder: str, columns: list[str], digi
     )
     return Downloader(
         sample_writer_class=WebDatasetSampleWriter,
-        resizer=PixelLimit(resizer, cfg.max_pixels),
+        resizer=HeaderCheck(resizer, cfg.max_pixels),
         thread_count=cfg.threads,
         save_caption=True,
         extract_exif=True,
@@ -195,7 +205,7 @@ def download_shard(cfg: IngestSection, task: IngestTask, attempt: Attempt) -> Sh
     with fs.open(feather_path, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
         writer.write_table(table)
     downloader = _downloader(cfg, attempt.folder, table.column_names, task.digits)
-    with guarded_urllib(FetchGuard(task.policy, cfg.max_bytes)):
+    with guarded_urllib(FetchGuard(task.policy, cfg.max_bytes, deadline_s=cfg.download_deadline_s)):
         downloader.download_shard((task.shard_id, feather))
     attempt.adopt(f"{name}.tar", f"{name}.parquet", f"{name}_stats.json")
 
@@ -216,6 +226,9 @@ def download_shard(cfg: IngestSection, task: IngestTask, attempt: Attempt) -> Sh
 class IngestStage(Stage):
     name = "ingest"
     config_key = "ingest"
+    # every row that did not download, refusals included: a list refused wholesale (an internal
+    # mirror without `allow_networks`) is as much a stage gone wrong as a network that is down
+    failure_reasons = FAILURES
 
     def inspect_inputs(self) -> dict[str, Any]:
         cfg: IngestSection = self.cfg

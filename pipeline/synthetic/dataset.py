@@ -44,7 +44,7 @@ DEFECT_KINDS: Mapping[str, str] = MappingProxyType(
         "dead_host": "connection_error",
         "http_404": "http_4xx",
         "http_500": "http_5xx",
-        "not_image": "decode_error",
+        "not_image": "unsupported_format",
         "truncated_jpeg": "truncated",
         "png": "ok",
         "webp": "ok",

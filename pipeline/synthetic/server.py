@@ -1,8 +1,9 @@
 """A loopback HTTP server for the synthetic dataset, so that ingest downloads it like a web crawl.
 
 It serves fixed bodies from memory, answers `/status/<code>/...` with that status (the crawl's
-HTTP errors), `/redirect/<code>?to=URL` with a redirect to URL and `/slow/<seconds>/<path>` with
-`<path>` after a pause (hostile lists), leaves out Content-Length when the query has `nolength`,
+HTTP errors), `/redirect/<code>?to=URL` with a redirect to URL, `/slow/<seconds>/<path>` with
+`<path>` after a pause and `/drip/<seconds>/<path>` with `<path>`'s body one byte every `<seconds>`
+(hostile lists), leaves out Content-Length when the query has `nolength`,
 and binds 127.0.0.1 only: nothing here should ever be reachable from outside.
 `dead_url` names a loopback address where nothing listens (the crawl's dead hosts).
 """
@@ -62,11 +63,14 @@ def _handler(
                 time.sleep(latency_s)  # a slow host, as crawls meet them
             served.append(self.path)
             parts = urlsplit(self.path)
-            path, headers = parts.path, {}
+            path, headers, drip = parts.path, {}, 0.0
             if path.startswith("/slow/"):
                 seconds, _, path = path.removeprefix("/slow/").partition("/")
                 time.sleep(float(seconds))
                 path = "/" + path
+            if path.startswith("/drip/"):
+                seconds, _, path = path.removeprefix("/drip/").partition("/")
+                drip, path = float(seconds), "/" + path
             status, body, content_type = 200, b"", "text/plain; charset=utf-8"
             if path.startswith("/redirect/"):
                 status = int(path.split("/")[2])
@@ -87,8 +91,13 @@ def _handler(
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                if not head:
+                if head:
+                    return
+                if not drip:
                     self.wfile.write(body)
+                for i in range(len(body) if drip else 0):  # a host that answers, slowly, forever
+                    self.wfile.write(body[i : i + 1])
+                    time.sleep(drip)
             except (BrokenPipeError, ConnectionResetError):
                 # A downloader that timed out and hung up; nothing to answer any more.
                 logger.debug("client hung up before %s was sent", path)

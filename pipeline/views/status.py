@@ -40,7 +40,8 @@ def progress_text(row: StageStatus) -> str:
 
 
 def status_table(rows: list[StageStatus]) -> Group:
-    """The stage table, with each failed shard's first error under it."""
+    """The stage table, with each failed shard's first error under it, then each stage's line
+    about its failed rows (`FailedShare`)."""
     table = Table(title="stages")
     for col in COLUMNS:
         table.add_column(col)
@@ -57,7 +58,8 @@ def status_table(rows: list[StageStatus]) -> Group:
             when(r.last_update),
         )
     failures = [Text(f"  {r.stage} failed shard {e}") for r in rows for e in r.failure_examples]
-    return Group(table, *failures)
+    warnings = [Text(f"  {r.warning}", style="yellow") for r in rows if r.warning]
+    return Group(table, *failures, *warnings)
 
 
 def console() -> Console:
