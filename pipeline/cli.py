@@ -272,13 +272,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from pipeline.cluster.client import stage_devices
     from pipeline.commands.plan import format_plan, plan, plan_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
     cluster = {"host_mem_gb": args.host_mem, "net_gbps": args.net_gbps, "gpu_tflops": args.gpu_tflops, "mfu": args.mfu}
     shape, request, runtime = plan_inputs(recipe, args.gpus, args.gpu_mem, args.gpus_per_node, **cluster)
-    result = plan(shape, request, runtime)
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    result = {**plan(shape, request, runtime), "stages": stage_devices(recipe)}
+    where = "; ".join(f"{stage}: {device}" for stage, device in result["stages"].items())
+    print(json.dumps(result, indent=2) if args.json else f"{format_plan(result)}\nstages       {where}")
     return 0
 
 

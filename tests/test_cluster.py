@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers import dalle
 
-from pipeline.cluster.client import check_recipe_fits, dashboard_address, find_token, gpu_demand
+from pipeline.cluster.client import autoscaling_status, check_recipe_fits, dashboard_address, find_token, gpu_demand
 from pipeline.cluster.jobs import entrypoint, job_recipe, runtime_env
 from pipeline.config.recipe import build_recipe, load_recipe
 from pipeline.errors import ClusterError
@@ -54,7 +54,7 @@ def test_dashboard_address(monkeypatch):
 def test_gpu_demand_is_the_largest_stage():
     recipe = load_recipe(ROOT / "jobs" / "cc3m-1.3b.yaml")
     assert gpu_demand(recipe) == (64.0, "transformer.train.workers=64 with use_gpu")
-    assert gpu_demand(load_recipe(DEMO)) == (0.0, "")  # use_gpu null: GPUs when the cluster has them
+    assert gpu_demand(load_recipe(DEMO)) == (0.0, "")  # the demo runs on CPUs
     assert gpu_demand(load_recipe(DEMO, ["encode.gpus_per_actor=0.5"])) == (0.5, "encode.gpus_per_actor=0.5")
     # given dVAE weights are checked, not trained: their training section asks for nothing
     dvae = load_recipe(DEMO, ["dvae.train.use_gpu=true", "dvae.train.workers=8"])
@@ -76,6 +76,36 @@ def test_check_recipe_fits():
         check_recipe_fits(gpu, [_node(), _node(1)], scaling=False, address="A")
     check_recipe_fits(gpu, [_node(), _node(1)], scaling=True, address="A")  # the autoscaler may add them
     check_recipe_fits(gpu, [_node(1), _node(1)], scaling=False, address="A")
+
+
+def _v1_status(mapping: dict[str, str]) -> dict:
+    """The dashboard's `/api/cluster_status` data as a v1 monitor writes it (keys camel-cased by
+    the dashboard, as seen from `ray start --head` on Ray 2.60)."""
+    report = {"activeNodes": {}, "pendingLaunches": {}, "nodeTypeMapping": mapping, "legacy": True}
+    return {
+        "autoscalingStatus": "Cluster status: 0 nodes\nWorker node types:",
+        "clusterStatus": {"autoscalerReport": report},
+    }
+
+
+def test_only_a_read_only_provider_reads_as_no_autoscaler():
+    node = "7547710fee6ab663f797e02ec6b3a178cda9b0233688007e6508092c"
+    # `ray start` on every node: Ray's read-only provider names each node's type after the node
+    assert not autoscaling_status(_v1_status({node: f"node_{node}"}))
+    # a v1 autoscaler (`ray up`) before it started any worker: no worker types listed, yet it scales
+    assert autoscaling_status(_v1_status({"10.0.0.5": "ray.head.default"}))
+    # the v2 autoscaler (`ray up` and KubeRay default) writes no v1 status; its own formatted one,
+    # as a head started with RAY_enable_autoscaler_v2=1 and no provider (read-only) shows it
+    v2 = {"autoscalingStatus": None, "autoscalingError": None, "clusterStatus": None}
+    text = (
+        "======== Autoscaler status: 2026-12-07 14:51:22.522630 ========\nNode status\n-----\nActive:\n"
+        " (no active nodes)\nIdle:\n 1 {}\nPending:\n (no pending nodes)\nRecent failures:\n (no failures)\n\n"
+        "Resources\n-----\nTotal Usage:\n 0.0/1.0 CPU\n"
+    )
+    assert autoscaling_status(v2, text.format(f"node_{node}")) is False
+    assert autoscaling_status(v2, text.format("headgroup")) is True  # KubeRay's head group, scaled by v2
+    # a head started moments ago, whose v1 monitor has not reported yet: not known
+    assert autoscaling_status(v2, "No cluster status. It may take a few seconds for the Ray internal services") is None
 
 
 def test_the_job_gets_the_recipe_with_overrides_and_absolute_paths(tmp_path):

@@ -23,7 +23,8 @@ def make_worker(fail_on: set[str]) -> ShardWorker:
         def process(self, task: ShardTask, attempt: Attempt) -> ShardResult:
             if task.shard in fail_on:
                 raise ValueError(f"bad input in {task.shard}\nsecond line")
-            attempt.write(f"{task.shard}.txt", f"{task.shard} made on {self.loaded.actors or 'a task'}".encode())
+            where = self.loaded.actors or ("a pool" if self.loaded.pool else "a task")
+            attempt.write(f"{task.shard}.txt", f"{task.shard} made on {where}".encode())
             return ShardResult(samples_in=3, samples_out=3)
 
     return Worker()
@@ -36,7 +37,11 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("placement", [Placement(cpus=1), Placement(cpus=1, actors=2)], ids=["tasks", "pool"])
+@pytest.mark.parametrize(
+    "placement",
+    [Placement(cpus=1), Placement(cpus=1, actors=2, pool=True), Placement(cpus=1, pool=True)],
+    ids=["tasks", "pool", "autoscaling-pool"],
+)
 def test_failures_are_recorded_and_a_rerun_retries_only_them(tmp_path, local_ray, placement):
     ledger = Ledger(str(tmp_path))
     tasks = [ShardTask(f"{i:05d}") for i in range(5)]
@@ -49,7 +54,7 @@ def test_failures_are_recorded_and_a_rerun_retries_only_them(tmp_path, local_ray
     )
     assert sorted(ledger.done()) == ["00000", "00001", "00002", "00004"]
     assert ledger.failures()["00003"]["error"] == "ValueError: bad input in 00003"
-    made_on = "2" if placement.actors else "a task"
+    made_on = placement.actors or ("a pool" if placement.pool else "a task")
     assert (tmp_path / "00001.txt").read_text() == f"00001 made on {made_on}"
     assert ledger.record("00001").files == ("00001.txt",) and ledger.record("00001").fingerprint == "f"
 

@@ -136,7 +136,7 @@ def test_encode_resumes_after_sigkill_with_nothing_lost_or_duplicated(tmp_path, 
     partial = len(list(ledger.glob("*.json")))
     total = len(Ledger(str(out / "filter")).done())
     assert 1 <= partial < total
-    # resumed on a pool of another size (one actor instead of one per CPU), as after a resize
+    # resumed on a pool of another size (one actor instead of an autoscaling pool), as after a resize
     result = dalle("run", str(recipe), "encode.actors=1", "--until", "encode", "--no-progress", "-v", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 1 actors" in result.stderr

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,9 @@ from typing import Any
 from pipeline import storage
 from pipeline.config.recipe import Recipe
 from pipeline.errors import ClusterError, one_line
+
+READ_ONLY_TYPE = re.compile(r"node_[0-9a-f]{56}")
+"""How Ray's read-only provider (a cluster without an autoscaler) names a node's type: after its id."""
 
 
 @dataclass(frozen=True)
@@ -121,11 +126,39 @@ def alive_nodes(client) -> list[dict[str, Any]]:
     return [n for n in data["result"]["result"] if n["state"] == "ALIVE"]
 
 
-def autoscaling(client) -> bool:
-    """Whether an autoscaler with worker node types manages the cluster (it may add GPUs later)."""
-    text = get_json(client, "/api/cluster_status").get("autoscalingStatus") or ""
-    _, _, types = text.partition("Worker node types:")
-    return bool(types.strip())
+def autoscaling(client, wait_s: float = 20.0) -> bool:
+    """Whether an autoscaler may add nodes to the cluster (so GPUs it lacks now may come). A head
+    started moments ago may not have said yet: asks again for up to `wait_s`, then assumes it may
+    (a GPU stage then bounds its own wait on the cluster, `ray.gpu_wait_s`)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        data = get_json(client, "/api/cluster_status")
+        formatted = "" if data.get("clusterStatus") else get_json(client, "/api/cluster_status?format=1")
+        answer = autoscaling_status(data, (formatted or {}).get("clusterStatus") or "")
+        if answer is not None or time.monotonic() > deadline:
+            return answer is not False
+        time.sleep(1.0)
+
+
+def autoscaling_status(data: dict[str, Any], formatted: str = "") -> bool | None:
+    """`autoscaling` from the dashboard's `/api/cluster_status` data (and, when that holds no v1
+    status, its `?format=1` text); None while it cannot tell yet. Only "no autoscaler" can be read
+    there for certain: the v1 monitor of a cluster started with `ray start` on each node runs Ray's
+    read-only provider, which names every node's type after the node (`node_<id>`, Ray's
+    `format_readonly_node_type`). A v1 autoscaler names real types (its list of worker types is
+    empty while none runs, so that list says nothing). The v2 autoscaler (the default of `ray up`
+    and KubeRay since Ray 2.50) writes no v1 status; the formatted text then comes from it, and
+    lists each node under its type (`1 node_<id>` again for a read-only provider), where a v1
+    monitor that has not reported yet answers "No cluster status"."""
+    report = (data.get("clusterStatus") or {}).get("autoscalerReport") or {}
+    mapping = report.get("nodeTypeMapping") or {}
+    if mapping:
+        return any(kind != f"node_{node}" for node, kind in mapping.items())
+    if not formatted or formatted.startswith("No cluster status"):
+        return None
+    section = formatted.partition("Node status")[2].partition("Resources")[0]
+    types = re.findall(r"^ +\d+ (\S+)$", section, flags=re.MULTILINE)
+    return not types or not all(READ_ONLY_TYPE.fullmatch(t) for t in types)
 
 
 def gpu_demand(recipe: Recipe) -> tuple[float, str]:
@@ -141,6 +174,24 @@ def gpu_demand(recipe: Recipe) -> tuple[float, str]:
         if section is not None and section.gpus_per_actor:
             asks.append((section.gpus_per_actor, f"{name}.gpus_per_actor={section.gpus_per_actor}"))
     return max(asks)
+
+
+def stage_devices(recipe: Recipe) -> dict[str, str]:
+    """Where each stage that runs models runs, as its recipe says (`dalle plan` shows it)."""
+    out: dict[str, str] = {}
+    stages = ("dvae", "dvae"), ("clip", "clip"), ("encode", "encode"), ("train", "transformer")
+    for stage, key in (*stages, ("sample", "sample"), ("evaluate", "evaluate")):
+        section = getattr(recipe, key)
+        if section is None:
+            continue
+        if key in ("encode", "sample", "evaluate"):
+            pool = f"{section.actors} actors" if section.actors else "an autoscaling pool of actors"
+            out[stage] = f"{pool} " + (f"x {section.gpus_per_actor:g} GPU" if section.gpus_per_actor else "on CPUs")
+        elif getattr(section, "weights", None) is not None:
+            out[stage] = "given weights"
+        else:
+            out[stage] = f"{section.train.workers} workers " + ("x 1 GPU" if section.train.use_gpu else "on CPUs")
+    return out
 
 
 def local_output_problem(recipe: Recipe, node_count: int, address: str) -> str | None:

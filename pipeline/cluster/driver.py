@@ -10,11 +10,12 @@ import ray
 
 from pipeline.cluster.client import local_output_problem
 from pipeline.config.recipe import Recipe
+from pipeline.data.fetch_policy import OPENCV_ENV
 from pipeline.errors import InputError
 
 # Environment of every Ray worker: img2dataset imports albumentations, whose import-time update
-# check would reach for the network.
-WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+# check would reach for the network; OpenCV reads its pixel cap once, when it loads.
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", **OPENCV_ENV}
 
 
 def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> None:

@@ -35,9 +35,11 @@ class GenerationSection(Config):
     `uncond + guidance * (cond - uncond)` (twice the sampling compute); 1: unguided. Needs a model
     trained with `transformer.train.null_caption_prob` > 0."""
     actors: int | None = Field(None, ge=1)
-    """Actors holding the models; null: one per GPU, else one per task CPU."""
+    """Actors holding the models; null: a pool Ray Data grows from one actor to one per prompt
+    while the cluster has room."""
     gpus_per_actor: float | None = Field(None, ge=0)
-    """GPUs per actor; null: 1 when the cluster has GPUs, else 0."""
+    """GPUs each actor asks Ray for; 0 or null (unset) draws on CPUs. The recipe decides, never the
+    cluster of the moment (see `encode.gpus_per_actor`)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Inference precision; auto is bf16 on GPU and fp32 on CPU."""
     wandb_project: str | None = None

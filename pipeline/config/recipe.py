@@ -33,6 +33,11 @@ class RaySection(Config):
     shared_filesystem: bool = False
     """A local `output_dir` is on a filesystem every node mounts (NFS); without it a local
     output_dir is refused on a cluster of more than one node."""
+    gpu_wait_s: float | None = Field(1800.0, gt=0)
+    """Seconds a stage that asks for GPUs (`gpus_per_actor`, `use_gpu`) waits for a cluster
+    without them to get them (an autoscaler starting GPU nodes takes minutes) before it stops with
+    one line; null waits without limit. A Ray this process started itself (no address) has no
+    autoscaler: there a GPU ask it cannot hold is refused at once."""
 
 
 class Recipe(Config):

@@ -12,9 +12,11 @@ The rules:
 - the driver compacts the records into the ledger's summary every `COMPACT_EVERY_S` and at the
   end, so readers (`dalle status`, the dashboard, the next run) read a stage in a few requests.
 
-Ray tasks (`Placement.actors` None) suit work whose setup is cheap (ingest, filter, text-tokenizer);
-a pool keeps each actor's `setup()` (its models) across shards, one GPU per actor when the
-cluster has them (encode, sample, evaluate). `pipeline.engine.runners` holds the two runners,
+Ray tasks (`Placement.pool` False) suit work whose setup is cheap (ingest, filter, text-tokenizer);
+a pool keeps each actor's `setup()` (its models) across shards, with the GPUs the recipe gives each
+actor (encode, sample, evaluate). A placement that asks for GPUs is checked first
+(`pipeline.engine.resources.await_gpus`): it waits for an autoscaler to add them, or is refused in
+one line, never run on CPUs instead. `pipeline.engine.runners` holds the two runners,
 `pipeline.engine.tasks` what a stage hands them.
 """
 
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pipeline.engine.ledger import Ledger, ShardRecord
+from pipeline.engine.resources import await_gpus, note_unused_gpus, pool_ask
 from pipeline.engine.tasks import PLACEMENT, Placement, ShardTask, ShardWorker
 from pipeline.errors import StageFailed
 
@@ -56,21 +59,30 @@ def run_shards(
     progress: Progress,
     retries: int = 2,
     placement: Placement = PLACEMENT,
+    gpu_wait_s: float | None = None,
 ) -> dict[str, ShardRecord]:
     """Runs every task not yet in `ledger` (see the module docstring); returns the records of all
-    of `tasks`, old and new. Raises StageFailed when some shards gave up."""
+    of `tasks`, old and new. Raises StageFailed when some shards gave up, ClusterError when the
+    GPUs `placement` asks for cannot be had (within `gpu_wait_s` seconds on a cluster; None: no
+    limit)."""
     done = ledger.done()
     todo = [t for t in tasks if t.shard not in done]
     compacted = time.monotonic()
     progress.start(label, total=len(tasks), done=len(tasks) - len(todo))
     failed: dict[str, str] = {}
     if todo:
-        where = f"{placement.actors} actors" if placement.actors else "Ray tasks"
-        log.info("%s: %d of %d shards to run on %s", label, len(todo), len(tasks), where)
+        where = f"{placement.actors or 'an autoscaling pool of'} actors" if placement.pool else "Ray tasks"
+        gpus = f" with {placement.gpus:g} GPUs each" if placement.gpus else " on CPUs"
+        log.info("%s: %d of %d shards to run on %s%s", label, len(todo), len(tasks), where, gpus)
+        ask = pool_ask(placement.section or label, placement.cpus, placement.gpus)
+        if ask is not None:
+            await_gpus(label, ask, gpu_wait_s)
+        elif placement.pool:  # the stages with pools run models
+            note_unused_gpus(label, f"{placement.section or label}.gpus_per_actor")
         # Ray is imported only where shards run: the stages' per-shard code works without it (GPU suite)
         from pipeline.engine.runners import on_pool, on_tasks
 
-        runner = on_pool if placement.actors else on_tasks
+        runner = on_pool if placement.pool else on_tasks
         started, samples = time.monotonic(), 0
         try:
             for shard, outcome in runner(worker, ledger.root, todo, fingerprint, retries, placement):

@@ -7,6 +7,7 @@ actor retries a shard in place, and Ray Data restarts an actor that died.
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Iterator, Sequence
 
 import ray
@@ -16,6 +17,9 @@ from pipeline.engine.tasks import Placement, ShardTask, ShardWorker, make_shard_
 from pipeline.errors import StageFailed, one_line
 
 Outcome = tuple[str, ShardRecord | str]
+
+WINDOW_EVERY_S = 10.0
+"""Seconds between two sizings of the Ray-task window from the cluster's CPUs."""
 
 
 def _task(
@@ -36,11 +40,15 @@ def on_tasks(
     """One Ray task per shard, at most about two per CPU in flight (the driver holds only those).
     A task retries its shard's errors itself; Ray reruns it when its worker dies."""
     remote = ray.remote(_task).options(num_cpus=placement.cpus, num_gpus=placement.gpus, max_retries=retries)
-    window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1) / placement.cpus))
     worker_ref = ray.put(worker)
     queue = list(reversed(todo))
     pending: dict[ray.ObjectRef, ShardTask] = {}
+    window, sized = 0, -WINDOW_EVERY_S
     while queue or pending:
+        if time.monotonic() - sized >= WINDOW_EVERY_S:
+            # sized again as nodes come and go: an autoscaling cluster starts small, and the tasks
+            # queued beyond its CPUs are the demand its autoscaler adds nodes for
+            window, sized = max(4, 2 * int(ray.cluster_resources().get("CPU", 1) / placement.cpus)), time.monotonic()
         while queue and len(pending) < window:
             task = queue.pop()
             pending[remote.remote(worker_ref, placement, ledger_root, task, fingerprint, retries)] = task
@@ -75,6 +83,14 @@ class _PoolActor:
         return out
 
 
+def _pool_size(placement: Placement, shards: int):
+    import ray.data
+
+    if placement.actors is not None:
+        return ray.data.ActorPoolStrategy(size=min(placement.actors, shards))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, shards))
+
+
 def on_pool(
     worker: ShardWorker,
     ledger_root: str,
@@ -84,8 +100,9 @@ def on_pool(
     placement: Placement,
 ) -> Iterator[Outcome]:
     """The shards stream through a Ray Data `ActorPoolStrategy` pool of `placement.actors` actors
-    (no more than there are shards); raises StageFailed when the pool itself cannot run (actors
-    that cannot load their models)."""
+    (no more than there are shards), or with `actors` None one that Ray Data grows from one actor
+    to one per shard while the cluster has room; raises StageFailed when the pool itself cannot
+    run (actors that cannot load their models)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -102,7 +119,7 @@ def on_pool(
             "retries": retries,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(placement.actors or 1, len(todo))),
+        compute=_pool_size(placement, len(todo)),
         num_gpus=placement.gpus,
         num_cpus=placement.cpus,
         max_restarts=retries,

@@ -18,12 +18,21 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where shard tasks run: Ray tasks asking `cpus` (and `gpus`) each, or with `actors` a pool of
-    that many actors holding `cpus` CPUs and `gpus` GPUs each."""
+    """Where shard tasks run: Ray tasks asking `cpus` (and `gpus`) each, or with `pool` a pool of
+    actors holding `cpus` CPUs and `gpus` GPUs each: `actors` of them, or with `actors` None a pool
+    Ray Data grows from one actor to one per shard while the cluster has room. Every field comes
+    from the recipe, never from the cluster of the moment (see `pipeline.engine.resources`)."""
 
     cpus: float = 1.0
     gpus: float = 0.0
     actors: int | None = None
+    pool: bool = False
+    section: str = ""
+    """The recipe section it comes from (`encode`), named in messages."""
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and not self.pool:
+            raise ValueError("a Placement with actors is a pool: give pool=True")
 
 
 PLACEMENT = Placement()
@@ -42,17 +51,12 @@ class ShardWorker:
         raise NotImplementedError
 
 
-def pool_placement(actors: int | None, gpus_per_actor: float | None, cpus: float) -> Placement:
-    """A pool on this cluster: one actor per GPU when it has GPUs, else one per `cpus` CPUs,
-    unless the recipe gives `actors` or `gpus_per_actor`."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    per_gpu = gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if actors is None:
-        actors = max(1, int(gpus / per_gpu)) if per_gpu > 0 else max(1, int(resources.get("CPU", 1) / cpus))
-    return Placement(cpus=cpus, gpus=per_gpu, actors=actors)
+def pool_placement(section: str, actors: int | None, gpus_per_actor: float | None, cpus: float) -> Placement:
+    """The actor pool the recipe's `section` asks for: `actors` actors (None: an autoscaling pool)
+    of `cpus` CPUs and `gpus_per_actor` GPUs each (0 or None: on CPUs). A pure function of the
+    recipe: an autoscaling cluster has no GPU node when a stage starts, so what it has then decides
+    nothing."""
+    return Placement(cpus=cpus, gpus=gpus_per_actor or 0.0, actors=actors, pool=True, section=section)
 
 
 def make_shard(worker: ShardWorker, ledger_root: str, task: ShardTask, fingerprint: str) -> ShardRecord:

@@ -2,8 +2,9 @@
 CLIP image and text embeddings and their cosine similarity, with the LAION-style threshold.
 
 The shards go through an actor pool; each actor loads the dVAE, CLIP and the tokenizer once
-(`setup`, on a GPU when the cluster has them) and encodes whole shards (`encode_shard`), which
-the engine commits, so the ledger, resume and per-shard failure records work as in every stage.
+(`setup`, on the GPUs `encode.gpus_per_actor` gives it, else on CPUs) and encodes whole shards
+(`encode_shard`), which the engine commits, so the ledger, resume and per-shard failure records
+work as in every stage.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.engine.ledger import Attempt, Ledger, ShardResult
+from pipeline.engine.resources import GpuAsk, pool_ask
 from pipeline.engine.tasks import Placement, pool_placement
 from pipeline.errors import InputError
 from pipeline.stages.base import RunContext, Stage, torch_device
@@ -78,14 +80,20 @@ class EncodeStage(Stage):
             text_vocab=vocab,
             embed_dim=self.embed_dim(),
         )
-        placement = pool_placement(self.cfg.actors, self.cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)
-        records = self.run_shards(ctx, tasks, retries=self.cfg.max_task_retries, placement=placement).values()
+        records = self.run_shards(ctx, tasks, retries=self.cfg.max_task_retries, placement=self.placement()).values()
         return {
             "shards": len(tasks),
             "samples_in": sum(r.samples_in for r in records),
             "samples_out": sum(r.samples_out for r in records),
             "counts": {DROP_REASON: sum(r.counts.get(DROP_REASON, 0) for r in records)},
         }
+
+    def placement(self) -> Placement:
+        """The recipe's pool: `encode.actors` actors (null: autoscaling) of `encode.gpus_per_actor` GPUs."""
+        return pool_placement(self.config_key, self.cfg.actors, self.cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)
+
+    def gpu_ask(self) -> GpuAsk | None:
+        return pool_ask(self.config_key, self.recipe.ray.cpus_per_task, self.cfg.gpus_per_actor)
 
     def embed_dim(self) -> int:
         from transformers import CLIPConfig

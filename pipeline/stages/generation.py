@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pipeline import storage
 from pipeline.config.generation import GenerationSection
 from pipeline.engine.ledger import Attempt, Ledger, ShardRecord, ShardResult
+from pipeline.engine.resources import GpuAsk, pool_ask
 from pipeline.engine.tasks import Placement, ShardTask, pool_placement
 from pipeline.errors import InputError
 from pipeline.models.generator import ImageGenerator, SamplingConfig
@@ -53,5 +54,8 @@ class GenerationStage(Stage):
         """Has the pool draw the prompts the ledger does not hold yet."""
         self.write_plan(len(tasks))
         cfg: GenerationSection = self.cfg
-        placement = pool_placement(cfg.actors, cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)
+        placement = pool_placement(self.config_key, cfg.actors, cfg.gpus_per_actor, self.recipe.ray.cpus_per_task)
         return self.run_shards(ctx, tasks, placement=placement)
+
+    def gpu_ask(self) -> GpuAsk | None:
+        return pool_ask(self.config_key, self.recipe.ray.cpus_per_task, self.cfg.gpus_per_actor)

@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.engine.ledger import Attempt, ShardResult
+from pipeline.engine.resources import GpuAsk, await_gpus, note_unused_gpus, train_ask
 from pipeline.stages.base import RunContext, Stage, StageStatus, TrainingProgress
 from pipeline.train.paths import progress_url
 from pipeline.train.trainer import fit
@@ -34,7 +35,13 @@ class ModelStage(Stage):
         raise NotImplementedError
 
     def train(self, folder: str, ctx: RunContext, config: dict[str, Any], holdout: int) -> int:
-        """Trains `self.task` with the stage's `train` settings; returns the samples trained on."""
+        """Trains `self.task` with the stage's `train` settings; returns the samples trained on.
+        A GPU run first makes sure the cluster can give every worker its GPU (or stops in one line)."""
+        ask = self.gpu_ask()
+        if ask is not None:
+            await_gpus(self.name, ask, self.recipe.ray.gpu_wait_s)
+        else:
+            note_unused_gpus(self.name, f"{self.config_key}.train.use_gpu")
         return fit(
             self.name,
             self.task,
@@ -47,6 +54,13 @@ class ModelStage(Stage):
             name=f"{self.recipe.name}-{self.name}",
             progress=ctx.progress,
         )
+
+    def gpu_ask(self) -> GpuAsk | None:
+        """Every worker's GPU when the stage trains with `use_gpu` (given weights train nothing)."""
+        if getattr(self.cfg, "weights", None) is not None:
+            return None
+        train = self.cfg.train
+        return train_ask(self.config_key, train.workers, train.cpus_per_worker, train.use_gpu)
 
     def status(self) -> StageStatus:
         """The stage's status, with its training run's step (once it trained)."""
