@@ -2,7 +2,10 @@
 
 Before any work, every selected stage's fingerprint (config + input identity + upstream
 fingerprints) is compared with the one kept beside its output; a mismatch is refused unless the
-stage is forced. `--force STAGE` clears that stage and everything downstream of it.
+stage is forced. `--force STAGE` clears that stage and everything downstream of it. A folder
+written by an older release still matches when the only difference is a recipe field added since
+at the value that does what that release did (`Config.added_fields`); it keeps its fingerprint
+and digest, so its downstream stages match too.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 from pipeline import storage
 from pipeline.cluster.driver import init_ray
 from pipeline.config.recipe import Recipe
 from pipeline.engine.ledger import Fingerprint
+from pipeline.engine.resources import refuse_impossible
 from pipeline.errors import InputError
 from pipeline.observe.metrics import StageMetrics
 from pipeline.observe.progress import StageProgress
@@ -67,12 +72,16 @@ def downstream(stages: list[Stage], roots: set[str]) -> set[str]:
     return out
 
 
-def fingerprints(stages: list[Stage]) -> dict[str, Fingerprint]:
-    """Each stage's fingerprint; inspects external inputs (raises InputError), writes nothing."""
+def fingerprints(stages: list[Stage], checked: Collection[str] = ()) -> dict[str, Fingerprint]:
+    """Each stage's fingerprint; inspects external inputs (raises InputError), writes nothing.
+    A stage named in `checked` is compared with the fingerprint its folder holds (raises
+    FingerprintMismatch) and takes that one: the digest its downstream stages record is its
+    folder's, whichever release wrote it (see `Ledger.check`)."""
     fps: dict[str, Fingerprint] = {}
     for stage in stages:
         inputs = stage.inspect_inputs()
-        fps[stage.name] = stage.fingerprint({u: fps[u].digest for u in stage.upstream}, inputs)
+        fp = stage.fingerprint({u: fps[u].digest for u in stage.upstream}, inputs)
+        fps[stage.name] = stage.ledger.check(fp, stage.name) if stage.name in checked else fp
     return fps
 
 
@@ -88,10 +97,7 @@ def prepare(recipe: Recipe, force: list[str] = (), until: str | None = None) -> 
     if until is not None:
         last = names.index(stage_name(until))
         stages = stages[: last + 1]
-    fps = fingerprints(stages)
-    for stage in stages:
-        if stage.name not in forced:
-            stage.ledger.check(fps[stage.name], stage.name)
+    fps = fingerprints(stages, checked={s.name for s in stages} - forced)
     return stages, fps, forced
 
 
@@ -110,6 +116,11 @@ def run(
             log.info("clearing %s (forced)", stage.url)
             storage.remove_tree(stage.url)
     init_ray(recipe, address, worker_logs)
+    # a GPU recipe on a machine whose own Ray can never have the GPUs stops before the first stage
+    for stage in stages:
+        ask = None if stage.is_done() else stage.gpu_ask()
+        if ask is not None:
+            refuse_impossible(stage.name, ask)
     results: dict[str, dict[str, Any]] = {}
     runs = StageRuns(
         recipe.name,
@@ -129,6 +140,7 @@ def run(
             stage.ledger.clear_tmp()
             started = time.monotonic()
             stats = stage.run(RunContext(progress=progress, fingerprint=fps[stage.name]))
+            stage.check_failed_share(stats)  # warns, or fails with its shards kept
             stage.write_done(stats, time.monotonic() - started)
             results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
             log.info("%s done in %.1f s: %s", stage.name, time.monotonic() - started, stats)

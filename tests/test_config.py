@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pipeline import storage
 from pipeline.config.recipe import Recipe, apply_overrides, build_recipe, load_recipe
 from pipeline.errors import RecipeError
 
@@ -18,6 +19,32 @@ def test_every_recipe_in_jobs_validates(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     assert recipe.name == path.stem
+
+
+GPU_RECIPES = {"cc3m", "cc3m-1.3b", "laion-250m-12b", "shapes-gpu"}
+"""The recipes meant for GPUs; every other one (the demo) runs on CPUs."""
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_every_recipe_says_where_its_models_run(path):
+    """GPU use is the recipe's, stage by stage: a GPU recipe asks for GPUs in every stage that runs
+    a model (an autoscaling cluster starts none until asked), a CPU recipe in none. A cluster
+    recipe also sizes its encode pool: the cluster has no GPU node when encode starts."""
+    recipe = load_recipe(path)
+    asks = {}
+    for name in ("dvae", "clip"):
+        if getattr(recipe, name).weights is None:  # given weights are checked, not trained
+            asks[f"{name}.train.use_gpu"] = bool(getattr(recipe, name).train.use_gpu)
+    asks["transformer.train.use_gpu"] = bool(recipe.transformer.train.use_gpu)
+    for name in ("encode", "sample", "evaluate"):
+        section = getattr(recipe, name)
+        if section is not None:
+            asks[f"{name}.gpus_per_actor"] = bool(section.gpus_per_actor)
+    assert GPU_RECIPES <= {p.stem for p in JOBS}
+    wanted = path.stem in GPU_RECIPES
+    assert asks == dict.fromkeys(asks, wanted), f"{path.name}: GPU asks {asks}"
+    if wanted and (recipe.ray.address or not storage.is_local(recipe.output_dir)):
+        assert recipe.encode.actors, f"{path.name}: size the encode pool (encode.actors)"
 
 
 def test_demo_recipe_is_synthetic_and_small():
@@ -186,3 +213,28 @@ def test_pool_sizes_retries_and_tracking_are_not_part_of_any_fingerprint():
     changed = _digests(["encode.batch_size=3"])
     assert [name for name in plain if changed[name] != plain[name]] == ["encode", "train", "sample", "evaluate"]
     assert _digests(["transformer.train.lr=1e-3"])["train"] != plain["train"]
+
+
+def _sections(cls: type) -> list[type]:
+    return [cls, *(s for sub in cls.__subclasses__() for s in _sections(sub))]
+
+
+def test_added_fields_name_fingerprinted_fields_in_the_form_their_files_hold():
+    """`added_fields` values are compared with `_fingerprint.json` contents: JSON, as the field dumps."""
+    from pydantic import TypeAdapter
+
+    from pipeline.config.base import Config
+
+    declared = 0
+    for cls in _sections(Config):
+        for name, value in vars(cls).get("added_fields", {}).items():
+            adapter = TypeAdapter(cls.model_fields[name].annotation)
+            assert adapter.dump_python(adapter.validate_python(value), mode="json") == value, f"{cls.__name__}.{name}"
+            declared += 1
+    assert declared >= 6
+    assert load_recipe(DEMO).transformer.added_paths() == {"train.null_caption_prob": 0.0}
+    with pytest.raises(TypeError, match=r"names no fingerprinted field: \['nope'\]"):
+        type("Bad", (Config,), {"__annotations__": {"x": "int"}, "x": 0, "added_fields": {"nope": 1}})
+    with pytest.raises(TypeError, match=r"names no fingerprinted field: \['x'\]"):
+        fields = {"__annotations__": {"x": "int"}, "x": 0, "added_fields": {"x": 0}, "execution_only": {"x"}}
+        type("Bad", (Config,), fields)

@@ -97,6 +97,46 @@ def test_digest_depends_on_every_part():
     assert a.digest != Fingerprint("s", {"x": 1}, {"upstream": {"u": "2"}}).digest
 
 
+def test_a_fingerprint_written_before_a_field_existed_reads_as_its_old_value(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    older = Fingerprint("dvae", {"n_hid": 32, "train": {"lr": 1.0}}, {"upstream": {"filter": "abc"}})
+    ledger.claim(older, "dvae")
+    added = {"noise_end": 1.0, "train.warmup": "linear"}
+    config = {"n_hid": 32, "noise_end": 1.0, "train": {"lr": 1.0, "warmup": "linear"}}
+    now = Fingerprint("dvae", config, older.inputs, added)
+    assert now.digest != older.digest
+    kept = ledger.check(now, "dvae")  # the folder's own fingerprint, so its digest is the one recorded downstream
+    assert kept.as_dict() == older.as_dict() and kept.digest == older.digest and kept.added == added
+    assert ledger.claim(kept, "dvae").digest == older.digest
+    changed = Fingerprint("dvae", {**now.config, "train": {"lr": 1.0, "warmup": "cosine"}}, older.inputs, added)
+    with pytest.raises(FingerprintMismatch, match=r"\(config.train.warmup: 'linear' -> 'cosine'\); use --force dvae"):
+        ledger.check(changed, "dvae")
+    undeclared = Fingerprint("dvae", now.config, older.inputs, {"train.warmup": "linear"})
+    with pytest.raises(FingerprintMismatch, match=r"\(config.noise_end: None -> 1.0\)"):
+        ledger.check(undeclared, "dvae")
+    assert json.loads((tmp_path / "_fingerprint.json").read_text()) == older.as_dict()
+
+
+def test_a_section_added_whole_is_filled_before_the_fields_added_to_it_later():
+    fp = Fingerprint("s", {}, added={"ema.start": 0, "ema": {"decay": 0.9}, "absent.x": 1})
+    read, filled = fp.read({"config": {"lr": 1}})
+    assert read == {"config": {"lr": 1, "ema": {"decay": 0.9, "start": 0}}} and filled == ["ema", "ema.start"]
+
+
+def test_a_field_that_became_execution_only_is_left_out_of_a_stored_fingerprint(tmp_path):
+    """A folder written while `train.workers` still counted resumes under the release that made it
+    a how-it-runs field, whatever it held; the folder keeps its own fingerprint and digest."""
+    ledger = Ledger(str(tmp_path))
+    older = Fingerprint("dvae", {"n_hid": 32, "train": {"lr": 1.0, "workers": 8}}, {"upstream": {}})
+    ledger.claim(older, "dvae")
+    now = Fingerprint("dvae", {"n_hid": 32, "train": {"lr": 1.0}}, older.inputs, dropped=frozenset({"train.workers"}))
+    kept = ledger.check(now, "dvae")
+    assert kept.digest == older.digest and kept.dropped == now.dropped
+    changed = Fingerprint("dvae", {"n_hid": 64, "train": {"lr": 1.0}}, older.inputs, dropped=now.dropped)
+    with pytest.raises(FingerprintMismatch, match=r"config.n_hid: 32 -> 64"):
+        ledger.check(changed, "dvae")
+
+
 def test_describe_change_lists_nested_keys():
     text = describe_change({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4})
     assert text == "a.c: 2 -> 3; d: None -> 4"

@@ -16,14 +16,19 @@ class TrainConfig(Config):
     """Trainer plumbing shared by every trained model: Ray Train workers, DeepSpeed, optimiser,
     schedule, EMA, checkpoints, tracking."""
 
-    execution_only = frozenset({"workers", "keep_checkpoints", "max_failures", "log_every", "wandb_project"})
+    execution_only = frozenset({"workers", "keep_checkpoints", "max_failures", "log_every", "wandb_project", "compile"})
 
     workers: int = Field(2, ge=1, le=4096)
     """Ray Train workers (one process each; one GPU each when `use_gpu`). A run keeps the updates it
     started with (workers x batch_size x grad_accum samples): resumed on another count that divides
     its workers x grad_accum micro-batches, each worker takes an equal share of every update."""
     use_gpu: bool | None = None
-    """Train on GPUs; null uses them when the Ray cluster has any."""
+    """True trains on GPUs (one per worker, NCCL, `precision`); false or null (unset) on CPUs
+    (gloo, fp32). The recipe decides, never the cluster of the moment: on a cluster without the
+    GPUs the run waits for its autoscaler (`ray.gpu_wait_s`), and a Ray that can never have them
+    refuses in one line. Part of the fingerprint: it changes the run's arithmetic and its
+    checkpoints' format. (Null meant "GPUs when the cluster has them" in older releases; it stays
+    the default, now meaning CPUs, so that the fingerprints they wrote for CPU runs still match.)"""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs each worker asks Ray for."""
     steps: int = Field(100_000, ge=1)
@@ -62,6 +67,10 @@ class TrainConfig(Config):
     """ZeRO++ qwZ (zero_stage 3): all-gather the weights as int8 (half the traffic of bf16)."""
     quantized_gradients: bool = False
     """ZeRO++ qgZ (zero_stage 3): reduce-scatter the gradients as int4."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """`torch.compile` the model's repeated blocks (the transformer's layers; models without any
+    are left as they are): auto compiles on GPUs, where it pays (fused kernels; the first steps
+    wait for the compiler), and not on CPUs."""
     loader_workers: int = Field(0, ge=0, le=64)
     """Data-loader processes per worker decoding samples (0 decodes in the training process);
     the sample order does not depend on it."""
@@ -105,6 +114,8 @@ class TrainConfig(Config):
 class TransformerTrainConfig(TrainConfig):
     """The trainer settings of the transformer: `TrainConfig`'s and the share of empty captions."""
 
+    added_fields = {"null_caption_prob": 0.0}  # 0: every caption kept, as before the field (b0e93b5)
+
     null_caption_prob: float = Field(0.0, ge=0, lt=1)
     """Share of training samples whose caption is replaced by the empty (all-padding) caption, drawn
     per sample from (seed, epoch, key), so the model also learns images unconditioned: what
@@ -121,6 +132,8 @@ def _no_zero3(train: TrainConfig, section: str) -> None:
 
 class DVAESection(Config):
     """The discrete VAE that turns images into a grid of tokens (OpenAI `dall_e` architecture)."""
+
+    added_fields = {"gumbel_noise_end": 1.0}  # 1: full noise throughout, as before the field (842c279)
 
     weights: str | None = None
     """Existing weights to use instead of training: a folder with OpenAI's `encoder.pkl` and
@@ -229,9 +242,15 @@ class EncodeSection(Config):
     batch_size: int = Field(256, ge=1)
     """Images per model call."""
     actors: int | None = Field(None, ge=1)
-    """Actors in the pool (each holds both models); null: one per GPU, else one per task CPU."""
+    """Actors in the pool (each holds both models). Null: a pool Ray Data grows from one actor to
+    one per shard while the cluster has room. A cluster recipe sizes it (GPU nodes x GPUs each):
+    an autoscaling cluster has no GPU node when encode starts, and a sized pool asks for them all."""
     gpus_per_actor: float | None = Field(None, ge=0)
-    """GPUs per actor; null: 1 when the cluster has GPUs, else 0."""
+    """GPUs each actor asks Ray for (0.5: two actors share one); 0 or null (unset) encodes on
+    CPUs. The recipe decides, never the cluster of the moment: on a cluster without GPUs the stage
+    waits for its autoscaler (`ray.gpu_wait_s`), and a Ray that can never have them refuses in one
+    line. (Null meant "1 when the cluster has GPUs" in older releases; it stays the default, now
+    meaning CPUs, so that the fingerprints they wrote for CPU runs still match.)"""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Inference precision; auto is bf16 on GPU and fp32 on CPU."""
     clip_threshold: float | None = Field(0.28, ge=-1, le=1)

@@ -2,7 +2,8 @@
 
 Layout under a stage folder `<output_dir>/<stage>/`:
 
-    _fingerprint.json       what the output was made from (stage config + inputs); written first
+    _fingerprint.json       what the output was made from (stage config + inputs); written first,
+                            kept as written (a later release reads it through `Fingerprint.read`)
     _ledger/<shard>.json    one record per committed shard; written last, it IS the commit
     _ledger/_summary.parquet  the records compacted into one file (a cache: see `Ledger.done`)
     _failures/<shard>.json  the last error of a shard task that gave up (cleared by its commit)
@@ -15,6 +16,7 @@ through an `Attempt`, the one place that writes a shard's files and commits them
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -39,11 +41,22 @@ SUMMARY = "_summary.parquet"
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What a stage's output is a function of: its config, its inputs, its upstream stages."""
+    """What a stage's output is a function of: its config, its inputs, its upstream stages.
+
+    Its `digest` names a stage folder to its downstream stages (their `inputs.upstream`) and to its
+    shard records. A folder keeps the fingerprint it was first claimed under: a later release that
+    reads it as the same recipe (`Ledger.check`) runs on under that stored fingerprint and digest,
+    so a field added since changes neither the folder's digest nor those recorded downstream."""
 
     stage: str
     config: dict
     inputs: dict = field(default_factory=dict)
+    added: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Config fields added after folders could already have been written (`Config.added_paths`):
+    dotted path -> the value a stored fingerprint without that field is read as. Not digested."""
+    dropped: frozenset[str] = field(default_factory=frozenset, compare=False)
+    """Config fields that say how a stage runs, not what it writes (`Config.execution_paths`): a
+    stored fingerprint from before one became so is read without it. Not digested."""
 
     @property
     def digest(self) -> str:
@@ -52,6 +65,30 @@ class Fingerprint:
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "schema_version": SCHEMA_VERSION, "config": self.config, "inputs": self.inputs}
+
+    def read(self, stored: dict) -> tuple[dict, list[str]]:
+        """A stored fingerprint dict (`_fingerprint.json`) as this release reads it: the fields
+        that are now `dropped` (execution-only) left out, and every field of `added` that its config
+        lacks (it predates the field) filled in with its value, outer fields first. Also returns
+        the paths filled in."""
+        stored = copy.deepcopy(stored)
+        for path in self.dropped:
+            *parents, name = path.split(".")
+            node = stored.get("config")
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(name, None)
+        filled = []
+        for path in sorted(self.added, key=lambda p: p.count(".")):
+            *parents, name = path.split(".")
+            node = stored.get("config")
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and name not in node:
+                node[name] = copy.deepcopy(self.added[path])
+                filled.append(path)
+        return stored, filled
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -122,22 +159,33 @@ class Ledger:
         return storage.join(self.root, *parts)
 
     # -- fingerprint --------------------------------------------------------------------------
-    def check(self, fp: Fingerprint, label: str) -> None:
-        """Raises FingerprintMismatch if this folder was written under another fingerprint."""
+    def check(self, fp: Fingerprint, label: str) -> Fingerprint:
+        """The fingerprint this folder is under: the stored one when it reads as `fp` (a field added
+        since it was written counts as the value `fp.added` gives it), else `fp` if the folder has
+        none. Raises FingerprintMismatch if it was written under another fingerprint."""
         old = storage.read_json_or_none(self.path("_fingerprint.json"))
-        if old is not None and old != fp.as_dict():
+        if old is None:
+            if self.done():
+                raise FingerprintMismatch(f"stage '{label}': {self.root} holds shards but no _fingerprint.json")
+            return fp
+        (stored, filled), (now, _) = fp.read(old), fp.read(fp.as_dict())
+        if stored != now:
             raise FingerprintMismatch(
                 f"stage '{label}': {self.root} was written by a different recipe or input "
-                f"({describe_change(old, fp.as_dict())}); use --force {label} or another output_dir"
+                f"({describe_change(stored, now)}); use --force {label} or another output_dir"
             )
-        if old is None and self.done():
-            raise FingerprintMismatch(f"stage '{label}': {self.root} holds shards but no _fingerprint.json")
+        if filled:
+            shown = ", ".join(f"{path}={fp.added[path]!r}" for path in filled)
+            log.info("stage '%s': %s predates these fields and is read as %s", label, self.root, shown)
+        return Fingerprint(old["stage"], old["config"], old["inputs"], fp.added, fp.dropped)
 
-    def claim(self, fp: Fingerprint, label: str) -> None:
-        """Checks, then records the fingerprint (before the first shard is committed)."""
-        self.check(fp, label)
+    def claim(self, fp: Fingerprint, label: str) -> Fingerprint:
+        """Checks, then records the fingerprint (before the first shard is committed); returns the
+        one the folder is under (see `check`)."""
+        fp = self.check(fp, label)
         if not storage.exists(self.path("_fingerprint.json")):
             storage.write_json(self.path("_fingerprint.json"), fp.as_dict())
+        return fp
 
     # -- records ------------------------------------------------------------------------------
     def done(self) -> dict[str, ShardRecord]:

@@ -8,6 +8,8 @@ in the Ray worker or pool actor its `setup()` loads what every shard needs (mode
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,8 +19,12 @@ from pipeline import storage
 from pipeline.config.recipe import Recipe
 from pipeline.engine.executor import run_shards
 from pipeline.engine.ledger import Fingerprint, Ledger, ShardRecord
+from pipeline.engine.resources import GpuAsk
 from pipeline.engine.tasks import Placement, ShardTask, ShardWorker
+from pipeline.errors import ClusterError, StageFailed
 from pipeline.observe.progress import StageProgress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,11 +36,18 @@ class RunContext:
 
 
 def torch_device(placement: Placement) -> str:
-    """ "cuda" for a process the placement gave GPUs (when torch sees one), else "cpu" with torch's
-    threads limited to the placement's CPUs."""
+    """ "cuda" for a process the placement gave GPUs, else "cpu" with torch's threads limited to
+    the placement's CPUs. Raises ClusterError when Ray gave this process GPUs that torch cannot
+    see (a CPU build of torch on a GPU node): a GPU recipe never runs on CPUs unsaid."""
     import torch
 
-    if placement.gpus > 0 and torch.cuda.is_available():
+    if placement.gpus > 0:
+        if not torch.cuda.is_available():
+            raise ClusterError(
+                f"Ray gave this process {placement.gpus:g} GPUs, but torch {torch.__version__} sees none "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): install a CUDA build of "
+                "torch on the GPU nodes"
+            )
         return "cuda"
     torch.set_num_threads(max(1, int(placement.cpus)))
     return "cpu"
@@ -73,9 +86,46 @@ class StageStatus:
     """The training run's step, while a model stage trains."""
     scanned_shards: int | None = None
     """Raw shards the filter's scan phase has read, while the filter runs."""
+    warning: str | None = None
+    """The line saying the stage's failed rows passed the recipe's share (`FailedShare`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FailedShare:
+    """The rows a stage lost to failures (downloads that did not happen, not a rule's drops)
+    against its section's `warn_failed_share` and `max_failed_share` (None: no threshold)."""
+
+    stage: str
+    section: str
+    rows: int
+    failed: dict[str, int]
+    """Failed rows by reason."""
+    warn: float | None
+    limit: float | None
+
+    @property
+    def share(self) -> float:
+        return sum(self.failed.values()) / self.rows if self.rows else 0.0
+
+    @property
+    def fails(self) -> bool:
+        return self.limit is not None and self.share > self.limit
+
+    @property
+    def warns(self) -> bool:
+        return self.fails or (self.warn is not None and self.share > self.warn)
+
+    def describe(self) -> str:
+        """The share, the top reasons and the highest threshold passed, e.g. `62.5% of 80 rows
+        failed (connection_error 48, http_4xx 2), above ingest.warn_failed_share 0.3`."""
+        top = sorted(((r, n) for r, n in self.failed.items() if n), key=lambda rn: (-rn[1], rn[0]))
+        reasons = ", ".join(f"{r} {n}" for r, n in top[:3]) + (", ..." if len(top) > 3 else "")
+        field, value = ("max_failed_share", self.limit) if self.fails else ("warn_failed_share", self.warn)
+        above = "" if value is None else f", above {self.section}.{field} {value:g}"
+        return f"{self.share:.1%} of {self.rows} rows failed ({reasons or 'none'}){above}"
 
 
 class Stage(ShardWorker):
@@ -93,6 +143,10 @@ class Stage(ShardWorker):
     always_tracked: ClassVar[bool] = False
     """The driver logs its shards to W&B even without a project (offline, under the stage folder,
     as the training stages do): for stages whose output is looked at (the sample grids)."""
+    failure_reasons: ClassVar[tuple[str, ...]] = ()
+    """Counted reasons that are failures (rows the stage meant to keep and could not fetch), not
+    a rule's drops; a stage that has some has `warn_failed_share` and `max_failed_share` in its
+    section (`check_failed_share`)."""
 
     def __init__(self, recipe: Recipe, output_dir: str):
         self.recipe = recipe
@@ -130,7 +184,12 @@ class Stage(ShardWorker):
             progress=ctx.progress,
             retries=retries,
             placement=placement or Placement(cpus=self.recipe.ray.cpus_per_task),
+            gpu_wait_s=self.recipe.ray.gpu_wait_s,
         )
+
+    def gpu_ask(self) -> GpuAsk | None:
+        """The GPUs this stage's run asks Ray for, from the recipe alone; None: it runs on CPUs."""
+        return None
 
     def inspect_inputs(self) -> dict[str, Any]:
         """Checks external inputs without writing anything; returns their identity (for the
@@ -142,11 +201,37 @@ class Stage(ShardWorker):
             stage=self.name,
             config=self.cfg.fingerprinted(),
             inputs={"upstream": upstream, **inputs},
+            added=self.cfg.added_paths(),
+            dropped=frozenset(self.cfg.execution_paths()),
         )
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Does the work (skipping what the ledger holds); returns the stage's stats."""
         raise NotImplementedError
+
+    def failed_share(self, samples_in: int, counts: dict[str, int]) -> FailedShare | None:
+        """The stage's failed rows against its recipe's thresholds (None: it counts no failures)."""
+        if not self.failure_reasons:
+            return None
+        failed = {reason: counts.get(reason, 0) for reason in self.failure_reasons}
+        return FailedShare(
+            self.name, self.config_key, samples_in, failed, self.cfg.warn_failed_share, self.cfg.max_failed_share
+        )
+
+    def check_failed_share(self, stats: dict[str, Any]) -> None:
+        """After `run`: one warning line when the failed rows pass the recipe's warning share;
+        StageFailed when they pass its limit. The committed shards stay, so a rerun with a higher
+        limit only finishes the stage."""
+        share = self.failed_share(stats.get("samples_in", 0), stats.get("counts", {}))
+        if share is None or not share.warns:
+            return
+        if share.fails:
+            raise StageFailed(
+                f"stage '{self.name}': {share.describe()}; its {stats.get('shards', 0)} shards stay committed: "
+                f"fix the cause and rerun, or raise {self.config_key}.max_failed_share (null: never fail) "
+                "and rerun to finish without fetching them again"
+            )
+        log.warning("%s: %s", self.name, share.describe())
 
     # -- bookkeeping shared by all stages -------------------------------------------------------
     def write_plan(self, shards: int, **extra: Any) -> None:
@@ -173,15 +258,17 @@ class Stage(ShardWorker):
         for rec in records.values():
             for reason, n in rec.counts.items():
                 counts[reason] = counts.get(reason, 0) + n
+        stats = done or {}
+        samples_in = stats.get("samples_in", sum(r.samples_in for r in records.values()))
+        share = self.failed_share(samples_in, stats.get("counts", counts))
         if done is not None:
             state = "complete"
-        elif failures:
-            state = "failed"
+        elif failures or (share is not None and share.fails and plan is not None and len(records) >= plan["shards"]):
+            state = "failed"  # shards that gave up, or all done and too many rows failed (`check_failed_share`)
         elif plan is not None or records:
             state = "partial"
         else:
             state = "pending"
-        stats = done or {}
         last = max([r.finished_at for r in records.values()] + [stats.get("finished_at", 0)], default=None)
         return StageStatus(
             stage=self.name,
@@ -189,11 +276,12 @@ class Stage(ShardWorker):
             output=self.url,
             shards_done=len(records),
             shards_total=plan["shards"] if plan else None,
-            samples_in=stats.get("samples_in", sum(r.samples_in for r in records.values())),
+            samples_in=samples_in,
             samples_out=stats.get("samples_out", sum(r.samples_out for r in records.values())),
             counts=stats.get("counts", counts),
             failures=len(failures),
             failure_examples=[f"{k}: {v['error']}" for k, v in sorted(failures.items())[:3]],
             seconds=stats.get("seconds"),
             last_update=last or None,
+            warning=f"{self.name}: {share.describe()}" if share is not None and share.warns else None,
         )
