@@ -62,6 +62,8 @@ bench: install peer
 	# the demo's encoded shards (a no-op once make demo ran), then the side by side with dalle-pytorch
 	$(VENV)/bin/dalle run jobs/demo.yaml --until encode --no-progress
 	$(PY) benchmarks/peer_dalle_pytorch.py
+	$(PY) benchmarks/train_memory.py small --workers 1 --json
+	$(PY) benchmarks/train_memory.py small --workers 2 --json
 	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --reduce-bucket 5e7 --workers 1 --json
 	$(PY) benchmarks/train_memory.py small --layers 24 --heads 16 --reduce-bucket 5e7 --workers 2 --json
 	$(PY) benchmarks/sample.py demo

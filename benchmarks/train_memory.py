@@ -4,8 +4,9 @@ next to `dalle plan`'s prediction for the same setup (CPU, gloo, DeepSpeed ZeRO-
     python benchmarks/train_memory.py PRESET --workers N [--layers L] [--heads H] [--zero 3]
         [--steps 2] [--text-len 32] [--grid 8] [--json]
 
-    make bench runs `small --layers 24 --heads 16 --reduce-bucket 5e7` (≈350M parameters; the
-    smaller reduce bucket keeps two ranks inside a 24 GB machine) with 1 and 2 workers.
+    make bench runs `small` (≈123M parameters, DeepSpeed's default buckets) and `small --layers 24
+    --heads 16 --reduce-bucket 5e7` (≈350M parameters; the smaller reduce bucket keeps two ranks
+    inside a 24 GB machine), each with 1 and 2 workers.
 
 Each rank is a process (torch.multiprocessing, gloo on 127.0.0.1) running the train stage's own
 pieces without Ray: `build_model` (under `deepspeed.zero.Init` for ZeRO-3), `build_engine`, the
@@ -16,8 +17,9 @@ The sequence is shortened (`--text-len`, `--grid`) so a step takes seconds on 2 
 states do not depend on it.
 
 Prints JSON: workers, params, peak_rss_gb (the largest rank's peak over all phases), phases (that
-peak per phase), ranks (every rank's), plan_host_gb_per_rank (the plan's device terms, which are host
-memory on CPU, plus a CPU process's baseline) and plan_error (relative to the measured peak).
+peak per phase), ranks (every rank's), plan_host_gb_per_rank (the plan's device terms for CPU ranks,
+which are host memory there, plus a CPU process's baseline) and plan_error (relative to the measured
+peak).
 Run `--workers 1` and `--workers 2` to see the model states halve.
 """
 
@@ -163,7 +165,9 @@ def _free_port() -> int:
 
 def plan_host_gb_per_rank(args) -> float:
     """`dalle plan`'s per-rank prediction for this CPU run: its per-GPU terms (states, runtime terms,
-    activations: on CPU they live in host memory) plus a CPU process's baseline."""
+    activations: on CPU they live in host memory) plus a CPU process's baseline. Planned for CPU ranks,
+    where an allocated buffer is resident only as far as it is written (DeepSpeed's 5e8-element reduce
+    buffer, which a GPU reserves whole, costs a smaller model only what its gradients fill)."""
     from pipeline.commands.plan import ModelShape, PlanRequest, plan
     from pipeline.commands.plan_runtime import RuntimeRequest
 
@@ -171,10 +175,11 @@ def plan_host_gb_per_rank(args) -> float:
     request = PlanRequest(
         gpus=args.workers, gpu_mem_gb=1e6, micro_batch=1, precision="fp32", zero_stage=args.zero, gpus_per_node=8
     )
-    return plan(shape, request, RuntimeRequest(ema=True, deepspeed=_deepspeed(args)))["gpu_peak_gb"] + CPU_PROCESS_GB
+    run = RuntimeRequest(ema=True, deepspeed=_deepspeed(args), accelerator="cpu")
+    return plan(shape, request, run)["gpu_peak_gb"] + CPU_PROCESS_GB
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset")
     parser.add_argument("--workers", type=int, default=2)
@@ -186,7 +191,11 @@ def main() -> None:
     parser.add_argument("--text-len", type=int, default=32)
     parser.add_argument("--grid", type=int, default=8)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     import torch.multiprocessing as mp
 

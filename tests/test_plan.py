@@ -10,7 +10,7 @@ import os
 import pytest
 
 from pipeline.commands.plan import GB, USABLE_FRACTION, ModelShape, PlanRequest, activation_memory, format_plan, plan
-from pipeline.commands.plan_runtime import RuntimeRequest
+from pipeline.commands.plan_runtime import DEEPSPEED_DEFAULTS, RuntimeRequest
 
 LAYERS, D = 64, 3968
 # 12·d² per block (attention 4d², MLP 8d²) plus the token embeddings and the two output heads.
@@ -240,3 +240,42 @@ def test_host_memory_per_node_counts_the_build_the_save_and_the_export():
     zero2 = plan(SHAPE, request(gpus=64, zero_stage=2), RuntimeRequest(host_mem_gb=64))
     assert zero2["host"]["build_gb"] == pytest.approx(4 * SHAPE.params / GB)  # the whole fp32 model per rank
     assert not zero2["recipe"]["host_fits"] and not zero2["recipe"]["fits"] and "host_hint" in zero2["recipe"]
+
+
+def test_the_plans_zero_defaults_are_deepspeeds():
+    """The settings the bucket terms read fall back to what DeepSpeed itself defaults to, stage by stage."""
+    _ds()
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for stage in (1, 2, 3):
+        cfg = DeepSpeedZeroConfig(stage=stage)
+        assert cfg.reduce_bucket_size == DEEPSPEED_DEFAULTS["reduce_bucket_size"]
+        assert cfg.prefetch_bucket_size == DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"]
+        assert cfg.max_live_parameters == DEEPSPEED_DEFAULTS["stage3_max_live_parameters"]
+        # `reduce_elements` assumes contiguous gradients and reduce-scatter, overlap_comm only under ZeRO-3
+        assert cfg.contiguous_gradients and cfg.reduce_scatter and cfg.overlap_comm == (stage == 3)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 64])
+def test_reduce_buckets_follow_what_deepspeed_allocates(gpus):
+    """ZeRO-3 allocates a `reduce_bucket_size` buffer (reserved whole on a GPU, resident only as far as the
+    gradients fill it on CPU) and reduce_scatter_coalesced's flat copy of a bucket, on any world size;
+    ZeRO-1/2 the buffer alone, twice with overlap_comm. In elements, bf16."""
+    small = dataclasses.replace(SHAPE, params=10**8, largest_layer_params=10**7)  # below the 5e8 default bucket
+    prefetch = DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"]
+
+    def elements(shape, stage=3, accelerator="cuda", **zero):
+        run = RuntimeRequest(accelerator=accelerator, deepspeed={"zero_optimization": zero})
+        return plan(shape, request(gpus=gpus, zero_stage=stage), run)["recipe"]["buckets_gb"] * GB / 2
+
+    assert elements(small) == pytest.approx(prefetch + 5e8 + 1e8)  # the whole buffer, the model's gradients copied
+    assert elements(small, accelerator="cpu") == pytest.approx(prefetch + 1e8 + 1e8)  # the buffer as far as filled
+    assert elements(SHAPE) == elements(SHAPE, accelerator="cpu") == pytest.approx(prefetch + 2 * 5e8)
+    # a parameter larger than the bucket rides alone: the copy is its size
+    assert elements(SHAPE, reduce_bucket_size=1e6) == pytest.approx(prefetch + 1e6 + SHAPE.largest_layer_params)
+    assert elements(SHAPE, contiguous_gradients=False) == pytest.approx(prefetch + 5e8)
+    assert elements(SHAPE, stage=2) == pytest.approx(5e8)
+    assert elements(SHAPE, stage=2, overlap_comm=True) == pytest.approx(2 * 5e8)
+    assert elements(small, stage=1, accelerator="cpu") == pytest.approx(1e8)
+    with pytest.raises(ValueError, match="accelerator"):
+        RuntimeRequest(accelerator="tpu")

@@ -6,9 +6,19 @@ n per node):
 - ZeRO-3 live parameters: DeepSpeed keeps gathered parameters alive up to
   `stage3_max_live_parameters` (1e9 by default: a model below it stays whole in the forward after
   the first step), and at least a block (12·d²), x w; plus the prefetch bucket
-  (`stage3_prefetch_bucket_size`) and the gradient reduce bucket (`reduce_bucket_size`), twice on
-  more than one rank (the bucket and its flat copy for the reduce-scatter), at DeepSpeed's defaults
-  unless the recipe's `deepspeed` block sets them;
+  (`stage3_prefetch_bucket_size`), at DeepSpeed's defaults unless the recipe's `deepspeed` block
+  sets them;
+- the gradient reduction, as DeepSpeed 0.19 allocates it (B = `reduce_bucket_size`, 5e8 by default):
+  ZeRO-3 (`stage3.py`) makes one contiguous buffer of B elements (`contiguous_gradients`, on by
+  default) and, on any world size, `reduce_scatter_coalesced` copies the bucket's gradients into an
+  interleaved flat buffer: as many elements as the bucket holds, B or less, never more than P nor
+  fewer than the largest parameter (which rides alone in a bucket it overflows); ZeRO-1/2
+  (`stage_1_and_2.py` `setup_buckets`) make the B-element buffer, a second with `overlap_comm`
+  (off by default below ZeRO-3), and reduce in place (without `contiguous_gradients`, no buffer
+  but the flattened copy of a bucket). On a GPU the caching allocator reserves the whole
+  buffer; on CPU ranks (`accelerator="cpu"`, the benchmark) a page counts only once written, so
+  the buffer counts as far as it fills, min(B, P): at DeepSpeed's default B a model under 5e8
+  parameters has most of its buffer reserved on a GPU but never resident on a CPU;
 - the optimizer step's temporaries: torch's multi-tensor AdamW makes a float32 intermediate the
   size of the rank's optimizer partition (4·P/N under ZeRO 1-3);
 - ZeRO++ hpZ: a second copy of the 16-bit weights sharded within `hpz_partition_size` GPUs (w·P/hpz);
@@ -60,10 +70,15 @@ class RuntimeRequest:
     gpu_tflops: float = 312.0  # A100 bf16 dense; H100 SXM: 989
     mfu: float = 0.45
     steps: int = 0
+    # "cpu" for ranks on DeepSpeed's CPU accelerator (the benchmark, the demo): their device memory is host
+    # memory, resident only where written, which changes what an allocated but unfilled buffer costs.
+    accelerator: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.net_gbps <= 0 or self.gpu_tflops <= 0 or not 0 < self.mfu <= 1:
             raise ValueError("plan: --net-gbps and --gpu-tflops must be positive and --mfu in (0, 1]")
+        if self.accelerator not in ("cuda", "cpu"):
+            raise ValueError(f"plan: accelerator must be 'cuda' or 'cpu', got {self.accelerator!r}")
         if self.host_mem_gb is not None and self.host_mem_gb <= 0:
             raise ValueError("plan: --host-mem must be positive")
 
@@ -71,6 +86,23 @@ class RuntimeRequest:
 def _zero_setting(run: RuntimeRequest, key: str) -> float:
     zero = (run.deepspeed or {}).get("zero_optimization", {})
     return float(zero.get(key, DEEPSPEED_DEFAULTS[key]))
+
+
+def reduce_elements(shape, req, run: RuntimeRequest) -> float:
+    """Gradient elements the reduction holds at once beside the model states (see the module docstring)."""
+    if req.zero_stage == 0:
+        return 0.0
+    zero = (run.deepspeed or {}).get("zero_optimization", {})
+    bucket = _zero_setting(run, "reduce_bucket_size")
+    buffer = min(bucket, shape.params) if run.accelerator == "cpu" else bucket
+    contiguous = zero.get("contiguous_gradients", True)
+    # A bucket is flushed before a parameter would overflow it, so it holds at most B elements, or one larger
+    # parameter on its own.
+    copy = min(shape.params, max(bucket, shape.largest_layer_params))
+    if req.zero_stage < 3:
+        # ZeRO-1/2 reduce the contiguous buffer in place; without it each bucket is flattened into a copy.
+        return (2 if zero.get("overlap_comm", False) else 1) * buffer if contiguous else copy
+    return (buffer if contiguous else 0.0) + copy
 
 
 def gpu_terms(shape, req, run: RuntimeRequest) -> dict[str, float]:
@@ -83,9 +115,7 @@ def gpu_terms(shape, req, run: RuntimeRequest) -> dict[str, float]:
         terms["live_params_gb"] = live * w / GB
         terms["buckets_gb"] = (_zero_setting(run, "stage3_prefetch_bucket_size") * w) / GB
         terms["hpz_copy_gb"] = (w * p / run.hpz_partition_size / GB) if run.hpz_partition_size > 1 else 0.0
-    if req.zero_stage >= 1:
-        copies = 2 if n > 1 else 1
-        terms["buckets_gb"] += copies * _zero_setting(run, "reduce_bucket_size") * w / GB
+    terms["buckets_gb"] += reduce_elements(shape, req, run) * w / GB
     terms["optimizer_step_gb"] = 4 * p / (n if req.zero_stage >= 1 else 1) / GB
     terms["ema_gb"] = 4 * p / n / GB if run.ema else 0.0
     terms["ema_eval_gb"] = w * p / n / GB if run.ema else 0.0
