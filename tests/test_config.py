@@ -140,6 +140,21 @@ def test_transformer_defaults_and_cluster_recipes_are_the_papers():
     assert mid.transformer.preset == "1.3b" and mid.transformer.train.use_gpu
 
 
+def test_a_trainer_given_in_part_keeps_its_sections_defaults():
+    """`transformer: {train: {workers: 64}}` changes the workers of the transformer's own trainer (the
+    paper's lr, ZeRO stage, clipping, EMA), not a generic trainer; the same through an override."""
+    paper = build_recipe(BASE).transformer.train
+    for recipe in (
+        build_recipe({**BASE, "transformer": {"train": {"workers": 64, "use_gpu": True}}}),
+        build_recipe(apply_overrides(BASE, ["transformer.train.workers=64", "transformer.train.use_gpu=true"])),
+    ):
+        train = recipe.transformer.train
+        assert (train.workers, train.use_gpu) == (64, True)
+        assert train.model_dump(exclude={"workers", "use_gpu"}) == paper.model_dump(exclude={"workers", "use_gpu"})
+    dvae = build_recipe({**BASE, "dvae": {"train": {"steps": 10}}}).dvae.train
+    assert (dvae.steps, dvae.lr, dvae.min_lr) == (10, 1e-4, 1.25e-6)
+
+
 @pytest.mark.parametrize(
     "patch, expected",
     [

@@ -34,8 +34,16 @@ ADDED_SINCE = {
 OLD_RECIPE = ("dvae.gumbel_noise_end", "transformer.train.null_caption_prob")
 
 
-def _recipe(out: Path, drop: tuple[str, ...] = ()) -> Recipe:
+# What the be3ebb9 demo recipe's partial trainer blocks took from the generic trainer defaults and
+# a partial block now takes from its section's own (`Config._over_section_defaults`): a user of such
+# a recipe states them once, or the stage is refused in one line naming the field.
+RESTATED = {"clip": {"betas": [0.9, 0.999]}, "transformer": {"betas": [0.9, 0.999], "grad_clip": None}}
+
+
+def _recipe(out: Path, drop: tuple[str, ...] = (), restate: bool = True) -> Recipe:
     data = json.loads(json.dumps(RELEASE["recipe"]))
+    for section, values in RESTATED.items() if restate else ():
+        data[section]["train"].update(values)
     for path in drop:
         *parents, name = path.split(".")
         node = data
@@ -84,6 +92,14 @@ def test_a_run_of_the_previous_release_resumes(tmp_path):
     _, fps, _ = prepare(_recipe(tmp_path))
     assert sorted(fps) == sorted(stored)
     assert {n: fp.digest for n, fp in fps.items()} == {n: _digest(body) for n, body in stored.items()}
+
+
+def test_a_partial_trainer_block_that_meant_the_generic_defaults_is_refused_in_one_line(tmp_path):
+    _write(tmp_path, RELEASE["fingerprints"])
+    with pytest.raises(FingerprintMismatch) as info:
+        prepare(_recipe(tmp_path, restate=False))
+    assert str(info.value).count("\n") == 0
+    assert "stage 'clip'" in str(info.value) and "config.train.betas: [0.9, 0.999] -> [0.9, 0.98]" in str(info.value)
 
 
 def test_a_run_written_before_fields_existed_resumes_with_its_digests(tmp_path):

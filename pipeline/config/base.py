@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 T = TypeVar("T")
 
@@ -42,6 +42,22 @@ class Config(BaseModel):
                 f"{cls.__name__}.added_fields names no fingerprinted field: "
                 f"{sorted(added - set(cls.model_fields) | added & cls.execution_only)}"
             )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_section_defaults(cls, data: Any) -> Any:
+        """A nested section given in part (`transformer: {train: {workers: 64}}`) is the section's
+        own default with those keys changed, not the generic defaults of its class: the
+        transformer's trainer keeps the paper's learning rate, ZeRO stage, clipping and EMA."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            default, given = field.default, data.get(name)
+            if isinstance(default, Config) and isinstance(given, dict):
+                base = default.model_dump(exclude_unset=True)
+                merged[name] = {**base, **given}
+        return merged
 
     def fingerprinted(self) -> dict[str, Any]:
         """The section as JSON without its `execution_only` fields, nested sections included."""
