@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,12 +19,15 @@ import pytest
 import torch
 import yaml
 from helpers import (
+    ENV,
+    ROOT,
     UPSTREAM,
     compare_keys,
     dalle,
     kill_run_when,
     recipe_at,
     run_until,
+    session_pids,
     train_sample_keys,
     train_step,
     train_update_keys,
@@ -86,16 +91,16 @@ def test_zero2_training_lowers_the_loss_and_reports_its_throughput(reference):
     ]  # keep_checkpoints: 3
 
 
-def _train_worker_pids() -> list[int]:
+def _train_worker_pids(sid: int) -> list[int]:
+    """The Ray Train workers of the run whose processes form session `sid` (never another run's)."""
     pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"RayTrainWorker" in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
+    for pid in session_pids(sid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"RayTrainWorker" in f.read():
+                    pids.append(pid)
+        except OSError:
+            pass
     return pids
 
 
@@ -103,12 +108,22 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_sam
     recipe, out = _train_recipe(tmp_path, run)
     progress = out / "train" / "_train" / "progress.json"
     killed: list[int] = []
+    # the run in a session of its own: the worker killed is one of its own, whatever else runs here
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--until", "train", "--no-progress"],
+        cwd=ROOT,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def kill_one_worker_after_step_12():
         pids: list[int] = []
         deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            pids = pids or _train_worker_pids()  # found ahead, so the kill itself is immediate
+        while time.monotonic() < deadline and proc.poll() is None:
+            pids = pids or _train_worker_pids(proc.pid)  # found ahead, so the kill itself is immediate
             step = train_step(progress)
             if pids and step >= 12:
                 os.kill(pids[-1], signal.SIGKILL)
@@ -118,7 +133,8 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_sam
 
     killer = threading.Thread(target=kill_one_worker_after_step_12, daemon=True)
     killer.start()
-    run_until(recipe, "train")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
     killer.join(timeout=5)
     assert killed and killed[0] < 20, f"the worker was not killed between checkpoints 10 and 20 ({killed})"
     metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
@@ -239,7 +255,7 @@ def test_export_and_resume_refuse_bad_input_with_one_line(tmp_path, reference):
     )
     # each rank of the run reads only its own partitions and the shared files to resume
     own = [set(checkpoint.rank_files(url, r)) for r in range(2)]
-    shared = {"trainer_state.json", "task.json", "latest", "zero_to_fp32.py", "zero_to_torch.py"}
+    shared = {"trainer_state.json", "task.json", "param_shapes.json", "latest", "zero_to_fp32.py", "zero_to_torch.py"}
     assert own[0] & own[1] == shared | {"deepspeed/mp_rank_00_model_states.pt"}
     for rank, files in enumerate(own):
         assert {f for f in files if "zero_pp_rank" in f} == {

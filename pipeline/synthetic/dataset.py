@@ -239,7 +239,11 @@ def _defect(b: _Builder, kind: str, clean: list[tuple[dict, Image.Image]]) -> tu
         body = None
         if kind == "truncated_jpeg":
             full = _encode(b.draw(objects, relation)[0], "jpg")
-            body = full[: len(full) // 4]
+            # cut inside the image data, past the headers up to the start of scan (what a header
+            # check reads), so it is the decoder that meets the cut
+            sos = full.find(b"\xff\xda")
+            header_end = sos + 2 + int.from_bytes(full[sos + 2 : sos + 4], "big") if sos >= 0 else 0
+            body = full[: max(len(full) // 4, header_end + 16)]
         return b.add(kind, text, "null", body), None
     canvas: int | tuple[int, int] = side
     if kind == "extreme_aspect":
