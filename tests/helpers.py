@@ -8,11 +8,13 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +30,24 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
 
 
+_PORTS = random.SystemRandom()  # not the global generator, which a test may seed
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range (and above Ray's worker ports,
+    10002-19999), so no socket bound to port 0 and no outgoing connection (Ray opens hundreds)
+    can take it between the moment a test picks it and the moment a run listens on it again,
+    as the shared run's synthetic server does half an hour later in test_s3."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = _PORTS.randrange(20000, low) if low > 21000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free loopback port found")
 
 
 def small_recipe(path: Path, output_dir: Path, **synthetic) -> Path:
@@ -68,20 +84,24 @@ def kill_run_when(args: list[str], ready, timeout: float = 240) -> None:
     """Starts `dalle ARGS` in its own session, waits until `ready()` is true, then SIGKILLs every
     process of that session (the driver, Ray's daemons and workers), as a machine crash would.
     The session's processes are listed ahead and `ready` is polled every millisecond, so the kill
-    lands within about a millisecond (inside a short window, such as a checkpoint save)."""
+    lands within about a millisecond (inside a short window, such as a checkpoint save).
+    A run that ends before the kill point fails the test with the tail of what it printed."""
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=ROOT,
         env=ENV,
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline, listed, pids = time.monotonic() + timeout, 0.0, []
     try:
         while not ready():
             if proc.poll() is not None:
-                pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point")
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-3000:]
+                pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point; it printed:\n{tail}")
             if time.monotonic() > deadline:
                 pytest.fail("the kill point was never reached")
             if time.monotonic() - listed > 0.5:
@@ -92,6 +112,7 @@ def kill_run_when(args: list[str], ready, timeout: float = 240) -> None:
                 os.kill(pid, signal.SIGKILL)
     finally:
         kill_session(proc)
+        log.close()
 
 
 def kill_session(proc: subprocess.Popen, rounds: int = 20) -> None:
