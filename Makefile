@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser demo test lint format bench peer faults clean
+.PHONY: install browser demo test test-fast lint format bench peer faults clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,8 +28,17 @@ browser:
 	  && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
 	  || { echo "make: install Debian's chromium package (apt-get install chromium) for the report test"; exit 1; }
 
+# pytest's worker processes (xdist); the suite is timed with 2 on 2 cores (tests/README.md)
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
+
+# the whole suite (CI's command); it ends with the 25 slowest tests, the slowest files and the total
 test: install lint browser
-	$(PY) -m pytest -q --durations=25
+	$(PYTEST) --durations=25
+
+# the inner loop: lint and every test not marked slow (at most 3 minutes; tests/README.md)
+test-fast: install lint
+	$(PYTEST) -m "not slow" --durations=10
 
 # the fault matrix (full disk, dead object store, hostile URL list, ...) as a JSON table
 faults: install

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -406,6 +407,11 @@ def hostile_url_list(work: Path, ref: Reference) -> Row:
     return row
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 class _Head:
     """`ray start --head` on Ray's default temp dir (/tmp/ray), as a user starts one."""
 
@@ -414,11 +420,11 @@ class _Head:
         token.write_text(secrets.token_hex(16))
         env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
-        self.gcs_port = free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = env
         ports = [
             f"--port={self.gcs_port}",
-            f"--dashboard-port={free_port()}",
+            f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}",
         ]
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
@@ -432,9 +438,10 @@ class _Head:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start --head exited; see {self.log.name}")
-            if self.address_file.exists() and "GCS" not in self.address_file.read_text():
-                time.sleep(2)  # the raylet and dashboard come up after the address is written
-                return
+            # what `ray start` prints once its node is up (not Ray's address file, which the local
+            # Ray of another test's run may write meanwhile)
+            if "Ray runtime started" in Path(self.log.name).read_text() and _listening(self.dashboard_port):
+                return  # the node, and its dashboard, which comes up after it
             time.sleep(0.5)
         raise RuntimeError(f"the Ray head did not come up; see {self.log.name}")
 
@@ -502,12 +509,22 @@ def secrets_in_files(work: Path, ref: Reference) -> Row:
     markers = {name: f"marker{secrets.token_hex(12)}" for name in SECRETS}
     env = {**ENV, **markers}
     recipe = ref.recipe(work / "recipe.yaml", output_dir=work / "out", wandb_project="faults")
-    result = dalle("run", recipe, "--until", "filter", "--no-progress", env=env)
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--until", "filter", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    stdout, stderr = proc.communicate(timeout=600)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     broken(row, result)
-    session = Path(tempfile.gettempdir()) / "ray" / "session_latest"
+    # the run's own Ray session (its folder ends with the pid of the driver that started it), not
+    # the newest one on the machine, which may be another test's
+    sessions = list((Path(tempfile.gettempdir()) / "ray").glob(f"session_*_{proc.pid}"))
     found = files_holding(work / "out", [m.encode() for m in markers.values()])
-    logs = files_holding(session.resolve() / "logs", [m.encode() for m in markers.values()]) if session.exists() else []
-    row.extra = {"files_with_a_secret": found, "ray_logs_with_a_secret": logs, "wandb_runs": _wandb_runs(work / "out")}
+    logs = [f for session in sessions for f in files_holding(session / "logs", [m.encode() for m in markers.values()])]
+    row.extra = {
+        "files_with_a_secret": found,
+        "ray_sessions": len(sessions),
+        "ray_logs_with_a_secret": logs,
+        "wandb_runs": _wandb_runs(work / "out"),
+    }
     row.rerun_exit_code = result.returncode
     compared(row, work / "out" / "ingest", ref.ingest)
     return row

@@ -76,4 +76,5 @@ def test_fault(name, tmp_path, reference, request):
         assert row.extra["validate"].startswith("dropped 2 damaged shards") and row.extra["validate_exit_code"] == 0
     if name == "secrets_in_files":
         assert row.extra["files_with_a_secret"] == [] and row.extra["ray_logs_with_a_secret"] == []
+        assert row.extra["ray_sessions"] == 1  # the run's own Ray logs were searched
         assert row.extra["wandb_runs"] > 0  # W&B wrote its offline files, and none holds a secret

@@ -55,6 +55,7 @@ def test_the_blocker_really_hides_ray(tmp_path):
     assert done.returncode != 0 and "not installed on the GPU machine" in done.stderr
 
 
+@pytest.mark.slow  # the suite's tiny run: about a minute
 def test_every_section_runs_without_ray(suite):
     done, report, out = suite
     failed = {name: r.get("error") for name, r in report["sections"].items() if not r["ok"]}
@@ -69,6 +70,7 @@ def test_every_section_runs_without_ray(suite):
     assert "error" not in report["sections"]["pytest"]["summary"]
 
 
+@pytest.mark.slow  # the suite's tiny run: about a minute
 def test_the_sections_measure_what_the_targets_read(suite):
     _, report, _ = suite
     sections = {name: r["figures"] for name, r in report["sections"].items() if name != "pytest"}
@@ -101,6 +103,7 @@ def test_the_section_limits_fit_the_budget(tmp_path):
     assert sum(limits) <= gpu_suite.BUDGET, (sum(limits), gpu_suite.BUDGET)
 
 
+@pytest.mark.slow  # the suite's tiny run: about a minute
 def test_the_train_loop_section_resumes_a_sigkilled_run_exactly(suite):
     _, report, _ = suite
     loop = report["sections"]["train_loop"]["figures"]

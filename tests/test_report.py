@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 from random import Random
 
 import numpy as np
@@ -164,6 +165,7 @@ def _screenshot(page, png, height: int = 4000):
         pytest.fail("chromium is not installed: `make test` installs Debian's chromium package")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1"]
     flags += ["--force-color-profile=srgb", f"--window-size=1280,{height}", f"--screenshot={png}"]
+    flags += [f"--user-data-dir={Path(png).parent / 'chromium-profile'}"]  # its own, beside other tests' browsers
     url = str(page) if "://" in str(page) else f"file://{page}"
     subprocess.run([chromium, *flags, url], check=True, capture_output=True, timeout=120)
     return np.asarray(Image.open(png).convert("RGB"))

@@ -315,3 +315,18 @@ def test_the_converted_layout_gives_each_new_rank_exactly_its_elements_once(zero
         offsets_ = layout.file_offsets(rank)
         lengths = [4 * (b - a) for key in layout.keys() for a, b in [layout.held(key, rank, i) for i in range(5)]]
         assert offsets_["end", -1] == sum(lengths)
+
+
+def test_a_ray_of_our_own_trains_without_ray_trains_placement_group_cleaner(tmp_path):
+    """The cleaner asks Ray's state API, which a Ray started with address="local" does not serve to
+    its actors: every training's end waited 12 s for it. The local trainer drops it, and only it."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.trainer import _local_torch_trainer
+
+    kw = dict(scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(name="x", storage_path=str(tmp_path)))
+    names = lambda trainer: [type(c).__name__ for c in trainer._create_default_callbacks()]  # noqa: E731
+    ray_train, ours = names(TorchTrainer(print, **kw)), names(_local_torch_trainer()(print, **kw))
+    assert "PlacementGroupCleanerCallback" in ray_train
+    assert ours == [name for name in ray_train if name != "PlacementGroupCleanerCallback"]

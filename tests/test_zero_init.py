@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +50,11 @@ def test_zero_init_partitions_from_the_start_and_equals_the_plain_build(tmp_path
 
     from pipeline.models.transformer import Dalle, DalleConfig
 
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    port = _free_port()
+    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    # DeepSpeed's shared-memory all-reduce stays off (pipeline.train.engine._deepspeed): the ranks
+    # (LOCAL_SIZE set, so it would have run) left no /dev/shm segment behind
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     torch.manual_seed(5)
     plain = Dalle(DalleConfig(**CONFIG)).state_dict()
     for rank in (0, 1):

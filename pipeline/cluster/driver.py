@@ -16,6 +16,9 @@ from pipeline.errors import InputError
 # Environment of every Ray worker: img2dataset imports albumentations, whose import-time update
 # check would reach for the network; OpenCV reads its pixel cap once, when it loads.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", **OPENCV_ENV}
+# On a Ray of this process's own, Ray Train's controller polls its workers every 0.5 s instead of
+# 2 (a machine's few workers): a training's end, or a lost worker, is seen up to 3 s sooner.
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
 
 
 def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> None:
@@ -37,6 +40,7 @@ def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> 
         # Ray 2.60 warns on every local start that it turned token authentication on; it is on,
         # and the warning is noise in every `dalle run`
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        common["runtime_env"] = {"env_vars": {**LOCAL_ENV, **WORKER_ENV}}
         ray.init(address="local", num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
         return
     ray.init(address=address, **common)

@@ -99,7 +99,7 @@ def _shown(bundle: Bundle) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items())) + "}"
 
 
-def _own_ray() -> bool:
+def own_ray() -> bool:
     """Whether this process started the Ray it is attached to (`ray.init(address="local")`): no
     autoscaler manages such a Ray. Read from Ray's private driver state; where that is missing
     (another Ray release) the answer is False, and a GPU ask then waits out `ray.gpu_wait_s`
@@ -121,7 +121,7 @@ def _node_totals() -> list[dict[str, float]]:
 def refuse_impossible(label: str, ask: GpuAsk) -> None:
     """Raises ClusterError (one line) when this process started its own Ray and its nodes can
     never hold `ask`; on a cluster, and when they can, returns (`await_gpus` then waits)."""
-    if not _own_ray():
+    if not own_ray():
         return
     problem = capacity_problem(ask.bundles, _node_totals())
     if problem:

@@ -68,6 +68,20 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, An
     return merge(ds, cfg.deepspeed)
 
 
+def _deepspeed():
+    """`import deepspeed`, with its shared-memory CPU all-reduce (`deepspeed_shm_comm`) switched off:
+    torch.distributed's gloo all-reduce serves CPU ranks instead. DeepSpeed JIT-compiles that op into
+    ~/.cache/torch_extensions at every machine's first engine under a lock file, which a rank killed
+    meanwhile leaves behind, and from then on every DeepSpeed start on the machine waits for it
+    forever; and each rank that uses it leaves a 69 MB /dev/shm segment nothing removes (14 GB
+    after a day of test runs). On GPUs the op does not exist."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed keeps this one dict
+    return deepspeed
+
+
 def build_model(build: Callable[[], nn.Module], cfg: TrainConfig, world: int, on_gpu: bool) -> nn.Module:
     """`build()` under `deepspeed.zero.Init` for ZeRO-3: each module's parameters are partitioned
     as soon as it is built, so a rank never holds more than its partition and one module whole
@@ -76,8 +90,7 @@ def build_model(build: Callable[[], nn.Module], cfg: TrainConfig, world: int, on
     if cfg.zero_stage != 3:
         model = build()
     else:
-        import deepspeed
-
+        deepspeed = _deepspeed()
         ds = deepspeed_config(cfg, world, on_gpu)
         # only what partitioning reads: zero.Init checks batch sizes against a world it may not see yet
         init = {k: ds[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds}
@@ -106,8 +119,7 @@ def compile_blocks(model: nn.Module) -> int:
 
 def build_engine(model: nn.Module, cfg: TrainConfig, world: int, on_gpu: bool):
     """A DeepSpeed engine around `model` (torch.distributed must already be initialised)."""
-    import deepspeed
-
+    deepspeed = _deepspeed()
     ds = deepspeed_config(cfg, world, on_gpu)
     optimizer = None
     if "optimizer" not in ds:

@@ -15,6 +15,7 @@ from pipeline import storage
 from pipeline.config.models import TrainConfig
 from pipeline.data.loader import BatchLayout, split_holdout
 from pipeline.engine.ledger import Ledger
+from pipeline.engine.resources import own_ray
 from pipeline.errors import StageFailed, one_line
 from pipeline.observe.progress import StageProgress
 from pipeline.train.checkpoint import resumable
@@ -70,6 +71,24 @@ def _ray_tasks(fn, args_list: list[tuple]) -> list:
     return ray.get([task.remote(*args) for args in args_list])
 
 
+def _local_torch_trainer():
+    """Ray Train's `TorchTrainer` without its placement-group cleaner, for a Ray this process
+    started (`dalle run` without an address). The cleaner is a detached actor that removes a run's
+    placement group should its controller die while the job lives on; it asks Ray's state API
+    whether the controller lives, which a Ray started with `address="local"` does not serve to its
+    actors, so each ask hangs, and every run's end waited 12 s for the cleaner to give up. Such a
+    Ray (its placement groups with it) ends with this process. On a cluster the cleaner stays."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def fit(
     label: str,
     task: str,
@@ -104,7 +123,7 @@ def fit(
         name=name,
         use_gpu=use_gpu,
     )
-    trainer = TorchTrainer(
+    trainer = (_local_torch_trainer() if own_ray() else TorchTrainer)(
         train_worker,
         train_loop_config=spec,
         scaling_config=ScalingConfig(
