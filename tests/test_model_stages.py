@@ -224,11 +224,12 @@ def test_dvae_stage_uses_openai_weights_instead_of_training(tmp_path, run):
 
 def test_the_demo_dvae_reconstructs_held_out_images_far_better_than_their_mean_image(tmp_path):
     """The demo recipe's dVAE settings (straight-through codes, usage reward, pixel MSE; 16x16
-    tokens) for 350 of the demo's 2240 updates on 600 of its 2400 images, scored on 16 filtered images it
-    never trained on. The paper's loss at this length did not beat the mean image by much."""
+    tokens) for 250 of the demo's 2240 updates on 600 of its 2400 images, scored on 16 filtered images it
+    never trained on (0.27x the mean image's error measured; 175 updates give 0.53x). The paper's loss
+    at this length did not beat the mean image by much."""
     overrides = [f"output_dir={tmp_path / 'out'}", f"ingest.synthetic.port={free_port()}"]
-    overrides += ["ingest.synthetic.count=600", "dvae.train.steps=350", "dvae.train.checkpoint_every=350"]
+    overrides += ["ingest.synthetic.count=600", "dvae.train.steps=250", "dvae.train.checkpoint_every=250"]
     result = dalle("run", "jobs/demo.yaml", *overrides, "--until", "dvae", "--no-progress", timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads((tmp_path / "out" / "dvae" / "metrics.json").read_text())
-    assert scores["recon_mse"] < 0.5 * scores["mean_image_mse"], scores  # 0.39x measured
+    assert scores["recon_mse"] < 0.5 * scores["mean_image_mse"], scores
