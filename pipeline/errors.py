@@ -10,7 +10,8 @@ from the project, so every layer can raise them).
     │   └── ClusterError         a cluster that cannot be reached or cannot run the recipe
     └── RunError             the run went wrong: `dalle` prints one line, exits 1 (rerun to retry)
         ├── StageFailed          shard tasks or training of a stage gave up after their retries
-        ├── ShardError           a shard that does not hold what its ledger record says
+        ├── ShardError           a shard that could not be read, or does not hold what its ledger says
+        │   └── DamagedShard         its bytes are damaged (truncated, corrupt, short): no retry mends it
         ├── CheckpointMismatch   a training checkpoint this run cannot resume
         └── WeightsError         weights that cannot be consolidated into a model
 
@@ -63,7 +64,13 @@ class StageFailed(RunError):
 
 
 class ShardError(RunError):
-    """A shard that does not hold what its ledger record says."""
+    """A shard that could not be read (the store failed, a loader worker died) or does not hold
+    what its ledger record says."""
+
+
+class DamagedShard(ShardError):
+    """A shard whose bytes are not what its ledger record says (truncated, corrupted, fewer samples):
+    every read gives the same error, so training ends at once instead of restarting into it again."""
 
 
 class CheckpointMismatch(RunError):

@@ -88,6 +88,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(FIRST)))
 
 
+@pytest.hookimpl(optionalhook=True)  # known only while xdist is loaded (not with `-p no:xdist`)
 def pytest_xdist_make_scheduler(config, log):
     """xdist's `load` scheduling, with each `ONE_WORKER` module as one unit of work. (pytest 9.2
     ignores the node ids that xdist's own `loadgroup` rewrites, so it cannot group them.)"""

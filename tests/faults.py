@@ -226,13 +226,16 @@ def _damage(encode: Path) -> dict[str, str]:
 
 
 def damaged_encoded_shards(work: Path, ref: Reference) -> Row:
-    """A truncated and a corrupted encoded shard fed to training; `dalle validate --drop-damaged`
-    takes them out of the ledger and the rerun encodes them again, then trains."""
+    """A truncated and a corrupted encoded shard fed to training, which ends at once (no restart
+    into the same bytes); `dalle validate --drop-damaged` takes them out of the ledger and the
+    rerun encodes them again, then trains."""
     row = Row("damaged_encoded_shards")
     reference = ref.trained
     recipe, out = recipe_at(work, ref.encoded, UPSTREAM)
     row.extra["damaged"] = _damage(out / "encode")
     broken(row, dalle("run", recipe, "--until", "train", "--no-progress"))
+    # each start of the workers (Ray Train's restarts included) begins a W&B run: it started once
+    row.extra["attempts"] = len(list((out / "train" / "wandb").glob("offline-run-*")))
     drop = dalle("validate", out / "encode", "--drop-damaged")
     row.extra["validate"] = last_line(drop.stdout)
     row.extra["validate_exit_code"] = drop.returncode

@@ -27,7 +27,7 @@ MESSAGES = {
     "checkpoint_sigkill": (0, r"WARNING .*skipping incomplete checkpoint .*checkpoint_00000020|^train: 640 in"),
     "damaged_encoded_shards": (
         1,
-        r"^dalle: stage 'train': training failed: rank \d: ShardError: .*encode/0000[02]\.tar: .*"
+        r"^dalle: stage 'train': training failed: rank \d: DamagedShard: .*encode/0000[02]\.tar: .*"
         r"`dalle validate .*encode --drop-damaged`, then rerun",
     ),
 }
@@ -74,6 +74,7 @@ def test_fault(name, tmp_path, reference, request):
         assert ("skipping incomplete" in row.message) == row.extra["newest_half_written"], row
     if name == "damaged_encoded_shards":
         assert row.extra["validate"].startswith("dropped 2 damaged shards") and row.extra["validate_exit_code"] == 0
+        assert row.extra["attempts"] == 1  # not max_failures restarts into the same damaged shard
     if name == "secrets_in_files":
         assert row.extra["files_with_a_secret"] == [] and row.extra["ray_logs_with_a_secret"] == []
         assert row.extra["ray_sessions"] == 1  # the run's own Ray logs were searched

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.data.loader import BatchLayout, ShardSpan, ShardStream, read_span, split_holdout
 from pipeline.data.shards import write_tar
-from pipeline.errors import ShardError
+from pipeline.errors import DamagedShard, ShardError
 
 
 @pytest.fixture
@@ -73,13 +73,22 @@ def test_a_truncated_shard_is_refused_loudly(spans):
     path = spans[0].url
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    with pytest.raises(ShardError, match="00000.tar: cannot read shard"):
+    with pytest.raises(DamagedShard, match="00000.tar: cannot read shard"):
         list(itertools.islice(ShardStream(spans, rank=0, world=1, seed=0, decode=lambda s: s).samples(), 20))
+
+
+def test_a_shard_the_store_cannot_read_is_a_shard_error_but_not_damaged(spans):
+    """A read that failed (a missing object, a store that did not answer) may work the next time:
+    Ray Train restarts into it; only bytes that are bad are a DamagedShard, which it does not."""
+    missing = ShardSpan(spans[0].url.replace("00000.tar", "00099.tar"), 5)
+    with pytest.raises(ShardError, match="00099.tar: cannot read shard") as err:
+        read_span(missing)
+    assert not isinstance(err.value, DamagedShard)
 
 
 def test_a_shard_shorter_than_its_ledger_is_refused(spans):
     short = [ShardSpan(spans[1].url, spans[1].count + 2)]
-    with pytest.raises(ShardError, match="holds 3 samples, its ledger says at least 5"):
+    with pytest.raises(DamagedShard, match="holds 3 samples, its ledger says at least 5"):
         read_span(short[0])
 
 
@@ -177,7 +186,7 @@ def test_a_loader_worker_that_fails_or_dies_is_reported_in_one_line(spans):
     data = open(truncated, "rb").read()
     open(truncated, "wb").write(data[: len(data) // 2])
     stream = ShardStream(spans, rank=0, world=1, seed=0, decode=_key, shuffle=False)
-    with pytest.raises(ShardError, match="00002.tar: cannot read shard"):
+    with pytest.raises(DamagedShard, match="00002.tar: cannot read shard"):  # still a DamagedShard
         list(itertools.islice(stream.batches(2, workers=2), 10))
 
     from pipeline.data.decode_workers import DecodeWorkers
@@ -187,6 +196,7 @@ def test_a_loader_worker_that_fails_or_dies_is_reported_in_one_line(spans):
     samples = workers.samples()
     next(samples)
     os.kill(workers.processes[1].pid, signal.SIGKILL)
-    with pytest.raises(ShardError, match=r"loader worker 1 stopped \(exit code -9\)"):
+    with pytest.raises(ShardError, match=r"loader worker 1 stopped \(exit code -9\)") as died:
         list(itertools.islice(samples, 30))
+    assert not isinstance(died.value, DamagedShard)  # a restart may well get through
     assert not any(p.is_alive() for p in workers.processes)

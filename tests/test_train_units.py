@@ -319,14 +319,44 @@ def test_the_converted_layout_gives_each_new_rank_exactly_its_elements_once(zero
 
 def test_a_ray_of_our_own_trains_without_ray_trains_placement_group_cleaner(tmp_path):
     """The cleaner asks Ray's state API, which a Ray started with address="local" does not serve to
-    its actors: every training's end waited 12 s for it. The local trainer drops it, and only it."""
+    its actors: every training's end waited 12 s for it. The local trainer drops it, and only it;
+    on a cluster it stays."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.trainer import _local_torch_trainer
+    from pipeline.train.trainer import _torch_trainer
 
     kw = dict(scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(name="x", storage_path=str(tmp_path)))
     names = lambda trainer: [type(c).__name__ for c in trainer._create_default_callbacks()]  # noqa: E731
-    ray_train, ours = names(TorchTrainer(print, **kw)), names(_local_torch_trainer()(print, **kw))
+    ray_train = names(TorchTrainer(print, **kw))
     assert "PlacementGroupCleanerCallback" in ray_train
-    assert ours == [name for name in ray_train if name != "PlacementGroupCleanerCallback"]
+    assert names(_torch_trainer(local=True)(print, **kw)) == [
+        n for n in ray_train if n != "PlacementGroupCleanerCallback"
+    ]
+    assert names(_torch_trainer(local=False)(print, **kw)) == ray_train
+
+
+def test_a_damaged_shard_ends_training_at_once_and_other_failures_are_retried_as_ray_trains_default():
+    """A damaged shard fails every restart the same way; Ray Train's default would restart into it
+    `max_failures` times (the fault matrix's damaged-shards row trains once, not 3 times)."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from pipeline.errors import DamagedShard, ShardError
+    from pipeline.train.failures import DamagedShardsEndRun
+
+    def failed(**ranks):
+        return WorkerGroupError("failed", {int(r[1:]): e for r, e in ranks.items()})
+
+    policy = DamagedShardsEndRun(FailureConfig(max_failures=2))
+    # a collective torn down on the other rank does not hide the damaged shard
+    damaged = failed(r0=RuntimeError("gloo: connection closed"), r1=DamagedShard("00000.tar: truncated tar"))
+    assert policy.make_decision(damaged) == FailureDecision.RAISE
+    # a shard the store did not serve, a killed worker: retried, max_failures times
+    transient = failed(r0=ShardError("00000.tar: cannot read shard: connection reset"))
+    assert [policy.make_decision(transient) for _ in range(3)] == [
+        FailureDecision.RETRY,
+        FailureDecision.RETRY,
+        FailureDecision.RAISE,
+    ]

@@ -9,8 +9,9 @@ the samples arrive in the stream's order whatever W (a run may resume with anoth
 stream would have every worker read every shard and keep its share of the batches), and a worker
 holds one shard and `prefetch` decoded chunks ahead of the consumer, never more.
 
-A worker that fails hands its error over in its turn (a `ShardError` for a damaged shard, one
-line); one that dies (OOM, SIGKILL) is reported as soon as its turn comes, never waited on forever.
+A worker that fails hands its error over in its turn (a `ShardError`; a `DamagedShard` for a
+shard whose bytes are bad); one that dies (OOM, SIGKILL) is reported as soon as its turn comes,
+never waited on forever.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _work(stream, position: int, worker: int, workers: int, out, chunk: int) -> 
                     decoded = []
             out.put((_END, decoded))
     except Exception as err:  # noqa: BLE001 - handed to the consumer, which raises it in its turn
-        out.put((_ERROR, str(err) if isinstance(err, ShardError) else one_line(err)))
+        out.put((_ERROR, err if isinstance(err, ShardError) else ShardError(one_line(err))))
 
 
 class DecodeWorkers:
@@ -68,7 +69,7 @@ class DecodeWorkers:
                 while True:
                     kind, payload = self._next(worker)
                     if kind == _ERROR:
-                        raise ShardError(payload)
+                        raise payload  # the worker's ShardError (a DamagedShard stays one)
                     yield from payload
                     if kind == _END:
                         break

@@ -26,6 +26,7 @@ number of workers (a run may resume with a different `loader_workers`; `decode_w
 from __future__ import annotations
 
 import logging
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.shards import Sample, iter_samples
-from pipeline.errors import ShardError
+from pipeline.errors import DamagedShard, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def _redo_hint(url: str) -> str:
 
 
 def read_span(span: ShardSpan) -> list[Sample]:
-    """The span's samples; raises ShardError if the shard is unreadable or holds fewer."""
+    """The span's samples. Raises DamagedShard for a tar that is truncated, corrupt or holds fewer
+    samples (the same on every read), ShardError when reading failed otherwise (the store)."""
     samples: list[Sample] = []
     end = span.start + span.count
     try:
@@ -90,11 +92,12 @@ def read_span(span: ShardSpan) -> list[Sample]:
             samples.append(sample)
             if len(samples) == end:
                 break
-    except Exception as err:  # a truncated or unreadable tar: refuse loudly
+    except Exception as err:  # refuse loudly, saying whether the bytes themselves are bad
         detail = str(err).removeprefix(f"{span.url}: ")
-        raise ShardError(f"{span.url}: cannot read shard: {detail}{_redo_hint(span.url)}") from None
+        kind = DamagedShard if isinstance(err, (tarfile.TarError, EOFError, UnicodeDecodeError)) else ShardError
+        raise kind(f"{span.url}: cannot read shard: {detail}{_redo_hint(span.url)}") from None
     if len(samples) < end:
-        raise ShardError(
+        raise DamagedShard(
             f"{span.url}: holds {len(samples)} samples, its ledger says at least {end}{_redo_hint(span.url)}"
         )
     return samples[span.start :]

@@ -2,7 +2,8 @@
 
 The run lives under `<stage>/_train/run` (Ray Train's storage: checkpoints and its own state),
 so rerunning the stage after a crash restores the latest complete checkpoint by itself, and
-Ray's `FailureConfig` restarts lost workers from it within one run.
+Ray's `FailureConfig` restarts lost workers from it within one run (not a run that met a damaged
+shard: `pipeline.train.failures`).
 """
 
 from __future__ import annotations
@@ -71,22 +72,30 @@ def _ray_tasks(fn, args_list: list[tuple]) -> list:
     return ray.get([task.remote(*args) for args in args_list])
 
 
-def _local_torch_trainer():
-    """Ray Train's `TorchTrainer` without its placement-group cleaner, for a Ray this process
-    started (`dalle run` without an address). The cleaner is a detached actor that removes a run's
-    placement group should its controller die while the job lives on; it asks Ray's state API
-    whether the controller lives, which a Ray started with `address="local"` does not serve to its
-    actors, so each ask hangs, and every run's end waited 12 s for the cleaner to give up. Such a
-    Ray (its placement groups with it) ends with this process. On a cluster the cleaner stays."""
+def _torch_trainer(local: bool):
+    """Ray Train's `TorchTrainer` with our failure policy (`pipeline.train.failures`: a damaged
+    shard ends the run instead of restarting into it) and, for a Ray this process started (`dalle
+    run` without an address: `local`), without its placement-group cleaner. The cleaner is a
+    detached actor that removes a run's placement group should its controller die while the job
+    lives on; it asks Ray's state API whether the controller lives, which a Ray started with
+    `address="local"` does not serve to its actors, so each ask hangs, and every run's end waited
+    12 s for the cleaner to give up. Such a Ray (its placement groups with it) ends with this
+    process. On a cluster the cleaner stays."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class LocalTorchTrainer(TorchTrainer):
+    from pipeline.train.failures import DamagedShardsEndRun
+
+    class PipelineTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            return [c for c in callbacks if not (local and isinstance(c, PlacementGroupCleanerCallback))]
 
-    return LocalTorchTrainer
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["failure_policy"] = DamagedShardsEndRun(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    return PipelineTorchTrainer
 
 
 def fit(
@@ -107,7 +116,7 @@ def fit(
     trained on (its last checkpoint's count: the layout it started with, whatever the workers
     now). Raises StageFailed."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     prepare_resume(label, run_storage(stage_url), cfg)
     use_gpu = wants_gpu(cfg)
@@ -123,7 +132,7 @@ def fit(
         name=name,
         use_gpu=use_gpu,
     )
-    trainer = (_local_torch_trainer() if own_ray() else TorchTrainer)(
+    trainer = _torch_trainer(local=own_ray())(
         train_worker,
         train_loop_config=spec,
         scaling_config=ScalingConfig(
