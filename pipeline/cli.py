@@ -470,7 +470,7 @@ def entry() -> None:
     """The `dalle` command."""
     argv = sys.argv[1:]
     code = main(argv)
-    if next((a for a in argv if a in COMMANDS), None) in ENDS_AT_ONCE:
+    if argv and argv[0] in ENDS_AT_ONCE:  # the command, as parse_args takes it
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -72,11 +72,12 @@ ONE_WORKER = {
     "test_jobs.py": "a Ray head, the reduced demo submitted to it",
     "test_s3.py": "a moto server, the shared run made again on it with a SIGKILL",
     "test_gpu_suite.py": "the GPU suite's tiny run",
-    "test_report.py": "train, sample and evaluate after the shared run",
+    "test_report.py": "sample and evaluate after the shared runs",
     "test_pipeline.py": "a run through filter",
     "test_stage_runs.py": "a run with W&B on",
     "test_train_loop.py": "two spawned ranks' runs",
     "test_gpu_autoscaling.py": "an autoscaling Ray cluster",
+    "test_train_stage.py": "a training interrupted twice (a worker killed, then the whole run)",
 }
 # Handed out first, heaviest first: the modules above, and the slowest tests' modules. The jobs
 # module makes `run` first; the GPU suite, which does not need it, keeps the other worker busy meanwhile.

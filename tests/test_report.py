@@ -1,4 +1,4 @@
-"""The whole chain at test size: train, sample and evaluate on the shared encoded run, then
+"""The whole chain at test size: sample and evaluate on the shared encoded and trained runs, then
 report.html: every image it shows exists, the accuracy table is the analyzer's verdicts on the
 generated images, headless Chromium renders the sample grids pixel for pixel, and a SIGKILLed
 evaluate/sample rerun commits exactly the uninterrupted run's shards."""
@@ -88,9 +88,11 @@ def _recipe(tmp_path, run):
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory, run):
-    """An uninterrupted run of train, sample and evaluate after the shared encoded run."""
+def full(tmp_path_factory, run, trained):
+    """An uninterrupted run of sample and evaluate after the shared encoded run and its shared
+    training (conftest's `trained`: this recipe's stages through train are the same)."""
     recipe, out = _recipe(tmp_path_factory.mktemp("report"), run)
+    copy_stages(trained, out, ["train"])
     result = dalle("run", str(recipe), "--no-progress", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "report: " in result.stdout

@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 
@@ -19,8 +16,6 @@ import pytest
 import torch
 import yaml
 from helpers import (
-    ENV,
-    ROOT,
     UPSTREAM,
     compare_keys,
     dalle,
@@ -104,41 +99,61 @@ def _train_worker_pids(sid: int) -> list[int]:
     return pids
 
 
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_samples(tmp_path, run, reference):
-    recipe, out = _train_recipe(tmp_path, run)
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, run):
+    """One training interrupted twice, for the two tests below: one of its Ray Train workers
+    SIGKILLed between checkpoints 10 and 20 (Ray Train restarts the group from 10 within the run),
+    then every process of the run SIGKILLed after step 22, and one rank's file of its newest
+    checkpoint (20) deleted; the same command then runs again."""
+    recipe, out = _train_recipe(tmp_path_factory.mktemp("interrupted"), run)
     progress = out / "train" / "_train" / "progress.json"
-    killed: list[int] = []
-    # the run in a session of its own: the worker killed is one of its own, whatever else runs here
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--until", "train", "--no-progress"],
-        cwd=ROOT,
-        env=ENV,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    run_dir = out / "train" / "_train" / "run"
+    seen = {"session": None, "pids": [], "listed": 0.0, "worker_killed_at": None}
+
+    def ready() -> bool:
+        """Kills one worker at step 12 (found ahead, so the kill itself is immediate); then the
+        whole run at step 22 of the restarted group."""
+        step = train_step(progress)
+        if seen["worker_killed_at"] is not None:
+            return step >= 22
+        if not seen["pids"] and time.monotonic() - seen["listed"] > 0.2:
+            seen["pids"], seen["listed"] = _train_worker_pids(seen["session"]), time.monotonic()
+        if seen["pids"] and step >= 12:
+            os.kill(seen["pids"][-1], signal.SIGKILL)
+            seen["worker_killed_at"] = step
+        return False
+
+    kill_run_when(
+        ["run", str(recipe), "--until", "train", "--no-progress"],
+        ready,
+        timeout=500,
+        started=lambda sid: seen.update(session=sid),
     )
-
-    def kill_one_worker_after_step_12():
-        pids: list[int] = []
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and proc.poll() is None:
-            pids = pids or _train_worker_pids(proc.pid)  # found ahead, so the kill itself is immediate
-            step = train_step(progress)
-            if pids and step >= 12:
-                os.kill(pids[-1], signal.SIGKILL)
-                killed.append(step)
-                return
-            time.sleep(0.005)
-
-    killer = threading.Thread(target=kill_one_worker_after_step_12, daemon=True)
-    killer.start()
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    killer.join(timeout=5)
-    assert killed and killed[0] < 20, f"the worker was not killed between checkpoints 10 and 20 ({killed})"
     metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
-    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10]
+    newest = run_dir / "checkpoint_00000020"
+    complete_at_kill = checkpoint.problem(str(newest)) is None
+    run_id = json.loads((run_dir / "checkpoint_00000010" / "trainer_state.json").read_text())["run_id"]
+    rank1 = json.loads((newest / "ranks" / "rank_00001.json").read_text())
+    (newest / sorted(f for f in rank1 if f.startswith("deepspeed/"))[0]).unlink()
+    problem = checkpoint.problem(str(newest))
+    rerun = dalle("run", str(recipe), "--until", "train", "--no-progress", "-v", timeout=600)
+    return {
+        "out": out,
+        "worker_killed_at": seen["worker_killed_at"],
+        "resumed_before_the_kill": [m["resumed_from"] for m in metrics if "resumed_from" in m],
+        "newest_complete_at_kill": complete_at_kill,
+        "newest_problem": problem,
+        "run_id": run_id,
+        "rerun": rerun,
+    }
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_samples(interrupted, reference):
+    killed = interrupted["worker_killed_at"]
+    assert killed is not None and killed < 20, f"the worker was not killed between checkpoints 10 and 20 ({killed})"
+    # Ray Train restarted the group from checkpoint 10 within the run, before the run was killed
+    assert interrupted["resumed_before_the_kill"] == [10]
+    out = interrupted["out"]
     comparison = compare_keys(train_sample_keys(out), train_sample_keys(reference))
     assert comparison == {"missing": 0, "duplicate": 0, "extra": 0}
     assert train_sample_keys(out) == train_sample_keys(reference)  # and in the same order
@@ -146,32 +161,21 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_sam
 
 
 def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_uninterrupted_one(
-    tmp_path, run, reference
+    interrupted, reference
 ):
-    recipe, out = _train_recipe(tmp_path, run)
-    progress = out / "train" / "_train" / "progress.json"
-    kill_run_when(
-        ["run", str(recipe), "--until", "train", "--no-progress"],
-        lambda: train_step(progress) >= 22,
-        timeout=400,
-    )
-    run_dir = out / "train" / "_train" / "run"
-    newest = run_dir / "checkpoint_00000020"
-    assert checkpoint.problem(str(newest)) is None
-    run_id = json.loads((run_dir / "checkpoint_00000010" / "trainer_state.json").read_text())["run_id"]
-    rank1 = json.loads((newest / "ranks" / "rank_00001.json").read_text())
-    lost = sorted(f for f in rank1 if f.startswith("deepspeed/"))[0]
-    (newest / lost).unlink()
-    assert "missing" in checkpoint.problem(str(newest))
-
-    result = dalle("run", str(recipe), "--until", "train", "--no-progress", "-v", timeout=600)
+    out, result = interrupted["out"], interrupted["rerun"]
+    assert interrupted["newest_complete_at_kill"]  # the kill came after checkpoint 20 was whole
+    assert "missing" in interrupted["newest_problem"]  # until one rank's file was deleted
     assert result.returncode == 0, result.stderr[-3000:]
     assert "incomplete" in result.stderr and "checkpoint_00000020" in result.stderr
     metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
-    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10]
+    # the worker's restart, then the rerun: both from checkpoint 10 (20 is skipped)
+    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10, 10]
     assert _losses(out) == pytest.approx(_losses(reference), rel=1e-4)
     assert train_sample_keys(out) == train_sample_keys(reference)
     # the resumed run continued the same W&B run
+    run_dir = out / "train" / "_train" / "run"
+    run_id = interrupted["run_id"]
     assert json.loads((run_dir / "checkpoint_00000040" / "trainer_state.json").read_text())["run_id"] == run_id
     wandb_runs = {p.name.rsplit("-", 1)[-1] for p in (out / "train" / "wandb").glob("offline-run-*")}
     assert wandb_runs == {run_id}

@@ -35,12 +35,12 @@ def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> 
     # print each one's traceback as an "unhandled error" on the way out
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = address or recipe.ray.address
-    common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
+    env = WORKER_ENV if address else {**LOCAL_ENV, **WORKER_ENV}
+    common = dict(logging_level=logging.WARNING, log_to_driver=worker_logs, runtime_env={"env_vars": env})
     if not address:
         # Ray 2.60 warns on every local start that it turned token authentication on; it is on,
         # and the warning is noise in every `dalle run`
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        common["runtime_env"] = {"env_vars": {**LOCAL_ENV, **WORKER_ENV}}
         ray.init(address="local", num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
         return
     ray.init(address=address, **common)

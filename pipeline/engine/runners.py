@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import ray
@@ -109,22 +110,26 @@ def on_pool(
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     items = [{"shard": task.shard, "task": pickle.dumps(task)} for task in todo]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _PoolActor,
-        fn_constructor_kwargs={
-            "worker": worker,
-            "placement": placement,
-            "ledger_root": ledger_root,
-            "fingerprint": fingerprint,
-            "retries": retries,
-        },
-        batch_size=1,
-        compute=_pool_size(placement, len(todo)),
-        num_gpus=placement.gpus,
-        num_cpus=placement.cpus,
-        max_restarts=retries,
-        max_task_retries=retries,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates map_batches' extra remote arguments but names no parameter for an
+        # actor's restarts, which it still reads only from them (without them its actors retry forever)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _PoolActor,
+            fn_constructor_kwargs={
+                "worker": worker,
+                "placement": placement,
+                "ledger_root": ledger_root,
+                "fingerprint": fingerprint,
+                "retries": retries,
+            },
+            batch_size=1,
+            compute=_pool_size(placement, len(todo)),
+            num_gpus=placement.gpus,
+            num_cpus=placement.cpus,
+            max_restarts=retries,
+            max_task_retries=retries,
+        )
     try:
         for row in dataset.iter_rows():
             if row["error"]:
