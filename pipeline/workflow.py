@@ -115,6 +115,9 @@ def run(
         if stage.name in forced:
             log.info("clearing %s (forced)", stage.url)
             storage.remove_tree(stage.url)
+    if all(stage.is_done() for stage in stages):  # a rerun of a finished run: no Ray to start
+        log.info("nothing to run: %s complete", ", ".join(s.name for s in stages))
+        return {s.name: storage.read_json(storage.join(s.url, "_done.json")) for s in stages}
     init_ray(recipe, address, worker_logs)
     # a GPU recipe on a machine whose own Ray can never have the GPUs stops before the first stage
     for stage in stages:

@@ -169,9 +169,13 @@ def test_sigkill_in_ingest_and_in_filter_then_resume(tmp_path, reference, port):
 def test_rerun_of_a_finished_run_does_nothing_and_changed_config_is_refused(reference):
     out, recipe = reference
     before = {p: p.stat().st_mtime_ns for p in (out / "filter").glob("*.tar")}
-    result = dalle("run", str(recipe), "--until", "text-tokenizer", "--no-progress")
+    result = dalle("run", str(recipe), "--until", "text-tokenizer", "--no-progress", "-v")
     assert result.returncode == 0, result.stderr
     assert {p: p.stat().st_mtime_ns for p in (out / "filter").glob("*.tar")} == before
+    # every stage was complete: no Ray was started, and the summaries are the finished run's
+    assert "nothing to run: ingest, filter, text-tokenizer complete" in result.stderr
+    assert "started a Ray" not in result.stderr  # (a run with work says so: test_train_stage)
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["ingest", "filter", "text-tokenizer"]
 
     refused = dalle("run", str(recipe), "filter.min_caption_words=5", "--until", "text-tokenizer", "--no-progress")
     assert refused.returncode == 2

@@ -168,6 +168,7 @@ def test_a_sigkilled_run_skips_an_incomplete_newest_checkpoint_and_ends_like_an_
     assert "missing" in interrupted["newest_problem"]  # until one rank's file was deleted
     assert result.returncode == 0, result.stderr[-3000:]
     assert "incomplete" in result.stderr and "checkpoint_00000020" in result.stderr
+    assert "started a Ray of this process's own" in result.stderr  # (-v; a finished rerun starts none)
     metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
     # the worker's restart, then the rerun: both from checkpoint 10 (20 is skipped)
     assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [10, 10]

@@ -13,6 +13,8 @@ from pipeline.config.recipe import Recipe
 from pipeline.data.fetch_policy import OPENCV_ENV
 from pipeline.errors import InputError
 
+log = logging.getLogger(__name__)
+
 # Environment of every Ray worker: img2dataset imports albumentations, whose import-time update
 # check would reach for the network; OpenCV reads its pixel cap once, when it loads.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", **OPENCV_ENV}
@@ -42,6 +44,7 @@ def init_ray(recipe: Recipe, address: str | None, worker_logs: bool = False) -> 
         # and the warning is noise in every `dalle run`
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=recipe.ray.num_cpus, include_dashboard=False, **common)
+        log.info("started a Ray of this process's own (%s CPUs)", recipe.ray.num_cpus or "all")
         return
     ray.init(address=address, **common)
     nodes = sum(1 for n in ray.nodes() if n["Alive"])
