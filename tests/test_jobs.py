@@ -42,8 +42,7 @@ from pipeline.observe.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
-# Training keeps TINY's 40 updates with a checkpoint every 10, so that a job can be stopped between
-# checkpoints.
+# Training keeps TINY's 40 updates, so that a job can be stopped between checkpoints.
 STEPS = TINY["transformer"]["train"]["steps"]
 
 
@@ -194,18 +193,22 @@ def test_a_job_stopped_in_the_middle_of_training_resumes_when_resubmitted(head, 
     out = tmp_path / "out"
     copy_stages(ref, out, ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"])
     data = {**yaml.safe_load(recipe.read_text()), "output_dir": str(out)}
+    # a checkpoint every 4 updates (the same samples as the job's every 10) slows the run enough that
+    # the stop lands before its end on a fast hour too: it took 40 updates to come once here
+    data["transformer"]["train"]["checkpoint_every"] = 4
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
 
     job_id = submitted_id(dalle(head, "submit", str(path), "--address", head.address))
     progress = out / "train" / "_train" / "progress.json"
     deadline = time.monotonic() + 300
-    # past checkpoint 10, and the driver's step gauge has reached the node's metrics endpoint
+    # past checkpoint 10, and the driver's step gauge has reached the node's metrics endpoint (read
+    # from the first update on, so that the stop follows step 12 at once)
     metrics = ""
     while train_step(progress) < 12 or not trained(metrics):
         assert time.monotonic() < deadline, "training never reached step 12 with its metrics exported"
         time.sleep(0.2)
-        metrics = head.metrics() if train_step(progress) >= 12 else ""
+        metrics = head.metrics() if train_step(progress) >= 1 else ""
     stop = dalle(head, "stop", job_id, "--address", head.address)
     assert stop.returncode == 0 and f"job {job_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     assert train_step(progress) < STEPS and not (out / "train" / "_done.json").exists(), "the stop came too late"
