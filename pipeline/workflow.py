@@ -117,7 +117,7 @@ def run(
             storage.remove_tree(stage.url)
     if all(stage.is_done() for stage in stages):  # a rerun of a finished run: no Ray to start
         log.info("nothing to run: %s complete", ", ".join(s.name for s in stages))
-        return {s.name: storage.read_json(storage.join(s.url, "_done.json")) for s in stages}
+        return {s.name: s.done_stats() for s in stages}
     init_ray(recipe, address, worker_logs)
     # a GPU recipe on a machine whose own Ray can never have the GPUs stops before the first stage
     for stage in stages:
@@ -136,7 +136,7 @@ def run(
     with StageProgress(enabled=show_progress, metrics=StageMetrics(recipe.name), runs=runs) as progress:
         for stage in stages:
             if stage.is_done():
-                results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
+                results[stage.name] = stage.done_stats()
                 progress.start(stage.name, total=1, done=1, track=False)
                 continue
             stage.ledger.claim(fps[stage.name], stage.name)
@@ -145,7 +145,7 @@ def run(
             stats = stage.run(RunContext(progress=progress, fingerprint=fps[stage.name]))
             stage.check_failed_share(stats)  # warns, or fails with its shards kept
             stage.write_done(stats, time.monotonic() - started)
-            results[stage.name] = storage.read_json(storage.join(stage.url, "_done.json"))
+            results[stage.name] = stage.done_stats()
             log.info("%s done in %.1f s: %s", stage.name, time.monotonic() - started, stats)
     return results
 

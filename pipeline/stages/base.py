@@ -245,6 +245,10 @@ class Stage(ShardWorker):
     def is_done(self) -> bool:
         return storage.exists(storage.join(self.url, "_done.json"))
 
+    def done_stats(self) -> dict[str, Any]:
+        """What `write_done` recorded for the finished stage (its counts, seconds, end time)."""
+        return storage.read_json(storage.join(self.url, "_done.json"))
+
     def status(self) -> StageStatus:
         """State, shard and sample counts, per-reason counts, failures, last update (from the ledger).
         A stage that never started (no `_fingerprint.json`) costs one request; a compacted one a few."""
