@@ -1,10 +1,11 @@
 """`dalle submit / jobs / logs / stop` against a real Ray cluster: `ray start --head` on
 127.0.0.1 with token authentication on, started and stopped by this module.
 
-The reduced demo is submitted and must reach SUCCEEDED with every stage complete; a second job
-is stopped in the middle of training and resubmitted, and must train on the same samples as the
-uninterrupted one (missing 0, duplicate 0). The one-line errors: unreachable address, missing and wrong
-token, GPUs the cluster lacks, a local output_dir on a cluster of two nodes.
+The reduced demo is submitted, stopped in the middle of training and submitted again: the second
+job must reach SUCCEEDED with every stage complete, having trained on the samples of the
+uninterrupted local training of the same shards (missing 0, duplicate 0). The one-line errors:
+unreachable address, missing and wrong token, GPUs the cluster lacks, a local output_dir on a cluster
+of two nodes.
 """
 
 from __future__ import annotations
@@ -137,26 +138,59 @@ def submitted_id(result: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, run):
     """The reduced demo, with the dVAE and CLIP the shared run trained given as weights (the dvae
-    and clip stages then check them instead of training), as relative paths the job must resolve."""
+    and clip stages then check them instead of training), as relative paths the job must resolve.
+    Its encoded shards are the shared run's, so it trains on the samples of the shared training.
+    A checkpoint every 4 updates (the same samples as every 10) slows training enough that the stop
+    lands before its end on a fast hour too (it took 40 updates to come once with 10)."""
     tmp = tmp_path_factory.mktemp("jobs")
     path = small_recipe(tmp / "recipe.yaml", tmp / "out", port=free_port())
     data = merge_dicts(yaml.safe_load(path.read_text()), TINY)
     models = run[0]
     data["dvae"]["weights"] = os.path.relpath(models / "dvae" / "dvae.pt", ROOT)
     data["clip"]["weights"] = os.path.relpath(models / "clip" / "model", ROOT)
+    data["transformer"]["train"]["checkpoint_every"] = 4
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 @pytest.fixture(scope="module")
-def finished(head, recipe):
-    """The reduced demo submitted with --follow: (submit result, output dir)."""
-    result = dalle(head, "submit", str(recipe), "--address", head.address, "--follow", timeout=900)
-    return result, Path(yaml.safe_load(recipe.read_text())["output_dir"])
+def stopped(head, recipe):
+    """The reduced demo submitted, and stopped with `dalle stop` once training is past checkpoint 12
+    and the driver's step gauge has reached the node's metrics endpoint: its id, the stop's result,
+    the step at the stop and the metrics then."""
+    out = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+    job_id = submitted_id(dalle(head, "submit", str(recipe), "--address", head.address))
+    progress = out / "train" / "_train" / "progress.json"
+    deadline = time.monotonic() + 600
+    # metrics read from the first update on, so that the stop follows step 12 at once
+    metrics = ""
+    while train_step(progress) < 12 or not trained(metrics):
+        assert time.monotonic() < deadline, "training never reached step 12 with its metrics exported"
+        time.sleep(0.2)
+        metrics = head.metrics() if train_step(progress) >= 1 else ""
+    stop = dalle(head, "stop", job_id, "--address", head.address)
+    return {"id": job_id, "stop": stop, "step": train_step(progress), "metrics": metrics, "out": out}
 
 
-def test_submit_follows_the_job_to_succeeded_and_every_stage_is_complete(head, recipe, finished):
-    result, out = finished
+@pytest.fixture(scope="module")
+def finished(head, recipe, stopped):
+    """The stopped job submitted again with --follow, its metrics read while it runs: (submit
+    result, output dir, every value of the encode stage's planned-shards gauge seen meanwhile)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "submit", str(recipe), "--address", head.address, "--follow"]
+    env = {**ENV, "RAY_AUTH_TOKEN_PATH": str(head.token_file)}
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        planned: set[float] = set()
+        while proc.poll() is None:
+            planned.update(values(head.metrics(), "ray_dalle_stage_shards_planned", recipe="demo", stage="encode"))
+            time.sleep(0.5)
+        log.seek(0)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, log.read(), "")
+    return result, stopped["out"], planned
+
+
+def test_submit_follows_the_job_to_succeeded_and_every_stage_is_complete(head, recipe, stopped, finished):
+    result, out, _ = finished
     job_id = submitted_id(result)
     assert f"dashboard: {head.address}/#/jobs/{job_id}" in result.stdout
     assert f"job {job_id}: SUCCEEDED" in result.stdout, result.stdout[-3000:]
@@ -170,63 +204,46 @@ def test_submit_follows_the_job_to_succeeded_and_every_stage_is_complete(head, r
     jobs = json.loads(dalle(head, "jobs", "--address", head.address, "--json").stdout)
     mine = next(j for j in jobs if j["id"] == job_id)
     assert (mine["status"], mine["recipe"], mine["output_dir"]) == ("SUCCEEDED", "demo", str(out))
-    logs = dalle(head, "logs", job_id, "--address", head.address)
+    first = next(j for j in jobs if j["id"] == stopped["id"])
+    assert first["status"] == "STOPPED"
+    # the first job ran every stage up to training
+    logs = dalle(head, "logs", stopped["id"], "--address", head.address)
     assert logs.returncode == 0 and "encode done" in logs.stdout
 
 
-def test_no_secret_reaches_the_jobs_files_runtime_env_or_logs(head, finished):
-    result, out = finished
-    job_id = submitted_id(result)
+def test_no_secret_reaches_the_jobs_files_runtime_env_or_logs(head, stopped, finished):
+    result, out, _ = finished
     markers = [*head.secrets.values(), head.token_file.read_text().strip()]
     headers = {"authorization": f"Bearer {head.token_file.read_text().strip()}"}
-    info = requests.get(f"{head.address}/api/jobs/{job_id}", headers=headers, timeout=10)
-    assert info.ok and info.json()["runtime_env"]["working_dir"], info.text[:500]
-    logs = dalle(head, "logs", job_id, "--address", head.address)
-    assert logs.returncode == 0 and "train done" in logs.stdout
-    for marker in markers:
-        assert marker not in info.text and marker not in logs.stdout + logs.stderr + result.stdout
+    for job_id in (stopped["id"], submitted_id(result)):
+        info = requests.get(f"{head.address}/api/jobs/{job_id}", headers=headers, timeout=10)
+        assert info.ok and info.json()["runtime_env"]["working_dir"], info.text[:500]
+        logs = dalle(head, "logs", job_id, "--address", head.address)
+        assert logs.returncode == 0 and "train" in logs.stdout
+        for marker in markers:
+            assert marker not in info.text and marker not in logs.stdout + logs.stderr + result.stdout
     assert files_holding(out, [m.encode() for m in markers]) == []
 
 
-def test_a_job_stopped_in_the_middle_of_training_resumes_when_resubmitted(head, recipe, finished, tmp_path):
-    _, ref = finished
-    out = tmp_path / "out"
-    copy_stages(ref, out, ["ingest", "filter", "text-tokenizer", "dvae", "clip", "encode"])
-    data = {**yaml.safe_load(recipe.read_text()), "output_dir": str(out)}
-    # a checkpoint every 4 updates (the same samples as the job's every 10) slows the run enough that
-    # the stop lands before its end on a fast hour too: it took 40 updates to come once here
-    data["transformer"]["train"]["checkpoint_every"] = 4
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-
-    job_id = submitted_id(dalle(head, "submit", str(path), "--address", head.address))
-    progress = out / "train" / "_train" / "progress.json"
-    deadline = time.monotonic() + 300
-    # past checkpoint 10, and the driver's step gauge has reached the node's metrics endpoint (read
-    # from the first update on, so that the stop follows step 12 at once)
-    metrics = ""
-    while train_step(progress) < 12 or not trained(metrics):
-        assert time.monotonic() < deadline, "training never reached step 12 with its metrics exported"
-        time.sleep(0.2)
-        metrics = head.metrics() if train_step(progress) >= 1 else ""
-    stop = dalle(head, "stop", job_id, "--address", head.address)
+def test_a_job_stopped_in_the_middle_of_training_resumes_when_resubmitted(stopped, finished, trained):
+    job_id, stop, metrics = stopped["id"], stopped["stop"], stopped["metrics"]
     assert stop.returncode == 0 and f"job {job_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
-    assert train_step(progress) < STEPS and not (out / "train" / "_done.json").exists(), "the stop came too late"
+    assert stopped["step"] < STEPS, "the stop came too late"
     # the driver's named metrics, as Prometheus scrapes them from the node
     assert 0 < metric(metrics, "ray_dalle_stage_shards_done", recipe="demo", stage="train") <= STEPS
     assert metric(metrics, "ray_dalle_stage_shards_planned", recipe="demo", stage="train") == STEPS
-    # a stage complete before the job started counts as one unit, and its gauge stays exported
-    assert metric(metrics, "ray_dalle_stage_shards_planned", recipe="demo", stage="encode") == 1
 
-    again = dalle(head, "submit", str(path), "--address", head.address, "--follow", timeout=900)
-    job2 = submitted_id(again)
-    assert f"job {job2}: SUCCEEDED" in again.stdout, again.stdout[-3000:]
+    result, out, planned = finished
+    assert f"job {submitted_id(result)}: SUCCEEDED" in result.stdout, result.stdout[-3000:]
+    # in the second job, a stage complete before it started counts as one unit, and is exported
+    assert 1.0 in planned, planned
     assert json.loads((out / "train" / "_done.json").read_text())["step"] == STEPS
     resumed = [m["resumed_from"] for m in read_metrics(str(out / "train" / "metrics.jsonl")) if "resumed_from" in m]
     assert len(resumed) == 1 and resumed[0] >= 10
-    # the same samples in the same order as the uninterrupted job: missing 0, duplicate 0
-    assert compare_keys(train_sample_keys(out), train_sample_keys(ref)) == {"missing": 0, "duplicate": 0, "extra": 0}
-    assert train_sample_keys(out) == train_sample_keys(ref)
+    # the same samples in the same order as the uninterrupted (local) training of the same shards
+    got, want = train_sample_keys(out), train_sample_keys(trained)
+    assert compare_keys(got, want) == {"missing": 0, "duplicate": 0, "extra": 0}
+    assert got == want
 
 
 def trained(metrics: str) -> float:
@@ -237,17 +254,26 @@ def trained(metrics: str) -> float:
         return 0.0
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of the series `name` carrying `labels` in a Prometheus exposition."""
+def values(text: str, name: str, **labels: str) -> list[float]:
+    """The values of every series `name` carrying `labels` in a Prometheus exposition."""
+    found = []
     for line in text.splitlines():
-        found = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if found and labels.items() <= dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))).items():
-            return float(found.group(2))
-    raise AssertionError(f"no {name} {labels} among the node's metrics:\n{text[-2000:]}")
+        series = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if series and labels.items() <= dict(re.findall(r'(\w+)="([^"]*)"', series.group(1))).items():
+            found.append(float(series.group(2)))
+    return found
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of the (first) series `name` carrying `labels` in a Prometheus exposition."""
+    found = values(text, name, **labels)
+    if not found:
+        raise AssertionError(f"no {name} {labels} among the node's metrics:\n{text[-2000:]}")
+    return found[0]
 
 
 def test_a_second_job_on_a_busy_output_dir_is_refused(head, recipe, finished, tmp_path):
-    _, ref = finished
+    _, ref, _ = finished
     out = tmp_path / "out"
     copy_stages(ref, out, ["ingest", "filter", "text-tokenizer", "dvae", "clip"])
     data = {**yaml.safe_load(recipe.read_text()), "output_dir": str(out)}
