@@ -34,8 +34,8 @@ from pipeline.data.loader import EPOCH, ShardSpan, read_span
 from pipeline.engine.ledger import Attempt, Ledger
 from pipeline.models.bpe import train_tokenizer
 from pipeline.models.generator import ImageGenerator, SamplingConfig
-from pipeline.stages.clip import ClipTask
-from pipeline.stages.dvae import DVAETask
+from pipeline.stages.clip_task import ClipTask
+from pipeline.stages.dvae_task import DVAETask
 from pipeline.stages.encode_shard import Encoders, encode_shard
 from pipeline.stages.evaluate import (
     accuracy,
@@ -45,7 +45,8 @@ from pipeline.stages.evaluate import (
     recipe_prompts,
     sweep_prompts,
 )
-from pipeline.stages.train import TransformerTask, companions, recipe_model_config
+from pipeline.stages.train import companions
+from pipeline.stages.train_task import TransformerTask, recipe_model_config
 from pipeline.synthetic.dataset import generate
 from pipeline.train.engine import autocast_dtype, set_lr
 from pipeline.train.loop import micro_step, step_seed, window_means

@@ -29,7 +29,7 @@ from local_rank import device_name, stage_engine
 from pipeline.config.models import TransformerTrainConfig
 from pipeline.config.recipe import load_recipe
 from pipeline.models.transformer import flops_per_token, param_count, preset
-from pipeline.stages.train import TransformerTask
+from pipeline.stages.train_task import TransformerTask
 from pipeline.train.engine import autocast_dtype
 from pipeline.train.loop import micro_step, window_means
 from pipeline.train.throughput import peak_flops

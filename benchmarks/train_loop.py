@@ -33,7 +33,7 @@ from pipeline.data.shards import npy_bytes, write_tar
 from pipeline.models.transformer import DalleConfig
 from pipeline.train.loop import TrainSpec
 
-TASK = "pipeline.stages.train:TransformerTask"
+TASK = "pipeline.stages.train_task:TransformerTask"
 PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 """DeepSpeed keeps parameters under 1e5 elements whole on every rank by default: the small test
 models would then never be fetched or released. Threshold 0 partitions every one, as at 12B."""

@@ -106,7 +106,7 @@ def _rank(rank: int, args, port: int, out: str, results) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.stages.train import TransformerTask
+    from pipeline.stages.train_task import TransformerTask
     from pipeline.train.ema import EMA
     from pipeline.train.engine import build_engine, build_model
     from pipeline.train.evaluation import evaluate_with_ema, share

@@ -18,14 +18,15 @@ import yaml
 from helpers import TINY, compare_stage, dalle, free_port, kill_run_when, recipe_at
 
 from pipeline.config.models import DVAESection
-from pipeline.data.images import decode_rgb, to_tensor
+from pipeline.data.image_tensors import to_tensor
+from pipeline.data.images import decode_rgb
 from pipeline.data.shards import iter_samples, npy_load
 from pipeline.engine.ledger import Attempt, Ledger
 from pipeline.models.bpe import TextTokenizer
 from pipeline.models.clip import load_clip
 from pipeline.models.dvae import load_dvae
 from pipeline.observe.tracking import read_metrics
-from pipeline.stages.dvae import schedules
+from pipeline.stages.dvae_task import schedules
 from pipeline.stages.encode_shard import Encoders, EncodeTask, encode_shard
 
 pytestmark = pytest.mark.slow

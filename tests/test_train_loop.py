@@ -16,7 +16,7 @@ import torch
 from pipeline.config.models import TransformerTrainConfig
 from pipeline.data.loader import read_span
 from pipeline.models.transformer import DalleConfig, load_dalle
-from pipeline.stages.train import TransformerTask
+from pipeline.stages.train_task import TransformerTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from train_loop import PARTITION_ALL, encoded_shards, exported, loop_spec, losses, partitions, run_ranks  # noqa: E402

@@ -34,7 +34,7 @@ from pipeline.engine.ledger import Ledger
 from pipeline.errors import StageFailed
 from pipeline.models.transformer import load_dalle
 from pipeline.observe.tracking import read_metrics
-from pipeline.stages.train import TransformerTask
+from pipeline.stages.train_task import TransformerTask
 from pipeline.train import checkpoint
 from pipeline.train.trainer import prepare_resume
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config.models import DVAESection, TrainConfig
-from pipeline.stages.dvae import codebook_stats, noise_scale, schedules
+from pipeline.stages.dvae_task import codebook_stats, noise_scale, schedules
 from pipeline.train.ema import EMA, merged_tensors, reshard
 from pipeline.train.engine import deepspeed_config, merge
 from pipeline.train.evaluation import sharded_means, share
@@ -179,7 +179,7 @@ def test_bpe_dropout_retokenizes_training_samples_reproducibly_across_a_resume(t
     import itertools
 
     from pipeline.data.loader import ShardStream, read_span
-    from pipeline.stages.train import TransformerTask
+    from pipeline.stages.train_task import TransformerTask
 
     words = ["red circle", "blue square", "green triangle", "yellow square", "small red", "large blue"]
     places = ("left", "right", "top")
@@ -221,7 +221,7 @@ def test_empty_captions_replace_a_seeded_share_of_training_captions(tmp_path):
     import itertools
 
     from pipeline.data.loader import ShardStream, read_span
-    from pipeline.stages.train import TransformerTask
+    from pipeline.stages.train_task import TransformerTask
 
     captions = [f"a {c} {s} on the left" for c in ("red", "blue", "green") for s in ("circle", "square")]
     spans, tokenizer = _encoded_shards(tmp_path, captions * 8)
@@ -360,3 +360,24 @@ def test_a_damaged_shard_ends_training_at_once_and_other_failures_are_retried_as
         FailureDecision.RETRY,
         FailureDecision.RAISE,
     ]
+
+
+def test_a_checkpoint_naming_a_task_where_it_lived_before_still_loads():
+    """Checkpoints written before the tasks left the stage modules name them there (`task.json`)."""
+    from pipeline.stages.clip_task import ClipTask
+    from pipeline.stages.dvae_task import DVAETask
+    from pipeline.stages.train_task import TransformerTask
+    from pipeline.train.loop import MOVED_TASKS, load_task
+
+    model = {"text_len": 8, "text_vocab": 64, "image_grid": 2, "image_vocab": 8, "layers": 1, "heads": 2}
+    task = load_task("pipeline.stages.train:TransformerTask", {"model": model})
+    assert type(task) is TransformerTask and task.cfg.text_len == 8
+    assert type(load_task("pipeline.stages.dvae:DVAETask", {})) is DVAETask
+    assert {MOVED_TASKS[old] for old in MOVED_TASKS} == {
+        "pipeline.stages.dvae_task:DVAETask",
+        "pipeline.stages.clip_task:ClipTask",
+        "pipeline.stages.train_task:TransformerTask",
+    }
+    assert ClipTask.__module__ == "pipeline.stages.clip_task"
+    # a path that never moved is taken as it is
+    assert type(load_task("pipeline.stages.train_task:TransformerTask", {"model": model})) is TransformerTask

@@ -175,3 +175,27 @@ def test_a_field_added_at_its_old_value_keeps_every_digest(tmp_path):
         assert change in str(info.value) and "--force dvae" in str(info.value)
     _, forced, _ = prepare(_upgraded(old_recipe, _DVAE, knob=3), force=["dvae"])
     assert forced["dvae"].digest != old["dvae"].digest and forced["train"].digest != old["train"].digest
+
+
+def test_the_driver_loads_no_torch_until_a_model_stage_runs(tmp_path):
+    """Every stage's module is imported to plan a run or show its status; none loads torch (1.3 s
+    of every `dalle status` and data-only `dalle run` here), which the model stages' workers and
+    their scoring import when they run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipeline.config.recipe import load_recipe\n"
+        "from pipeline import workflow\n"
+        f"recipe = load_recipe('jobs/demo.yaml', ['output_dir={tmp_path / 'out'}'])\n"
+        "stages = workflow.build_stages(recipe)\n"
+        "workflow.status(recipe)\n"
+        "print(sorted(s.name for s in stages), 'torch' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names, loaded = done.stdout.rsplit(" ", 1)
+    assert "'train'" in names and "'encode'" in names and "'evaluate'" in names
+    assert loaded.strip() == "False"

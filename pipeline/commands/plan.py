@@ -26,7 +26,7 @@ from pipeline.commands.plan_runtime import RuntimeRequest, advice, gpu_terms, ho
 from pipeline.config.recipe import Recipe
 from pipeline.errors import InputError
 from pipeline.models.transformer import DalleConfig, largest_layer_params, param_count
-from pipeline.stages.train import recipe_model_config
+from pipeline.stages.train_task import recipe_model_config
 
 GB = 1024**3
 # Share of a GPU's memory the plan lets itself use: the CUDA context, NCCL buffers and allocator fragmentation

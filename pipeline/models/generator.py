@@ -17,11 +17,9 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.data.images import to_tensor, to_uint8
+from pipeline.data.image_tensors import to_tensor, to_uint8
+from pipeline.models.layout import MODELS_FILE
 from pipeline.models.sampling import free_memory, kv_batch_size, sample_image_tokens
-
-MODELS_FILE = "models.json"
-"""Beside a trained transformer: the URLs of the dVAE, CLIP and tokenizer it was trained with."""
 
 
 @dataclass(frozen=True)

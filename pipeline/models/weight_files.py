@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import torch
 
 from pipeline import storage
+from pipeline.models.layout import INDEX
 
-INDEX = "model.safetensors.index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -21,7 +21,7 @@ from pipeline.engine.tasks import Placement, pool_placement
 from pipeline.errors import InputError
 from pipeline.stages.base import RunContext, Stage, torch_device
 from pipeline.stages.clip import clip_path
-from pipeline.stages.encode_shard import DROP_REASON, Encoders, EncodeTask, encode_shard
+from pipeline.stages.encode_task import DROP_REASON, EncodeTask
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class EncodeStage(Stage):
         return storage.join(self.upstream_url("dvae"), "dvae.pt")
 
     def setup(self, placement: Placement) -> None:
+        from pipeline.stages.encode_shard import Encoders  # torch and the models: the workers' side
+
         self._models = Encoders.load(
             dvae=self._dvae_url(),
             clip=clip_path(self.recipe, self.output_dir),
@@ -60,6 +62,8 @@ class EncodeStage(Stage):
         )
 
     def process(self, task: EncodeTask, attempt: Attempt) -> ShardResult:
+        from pipeline.stages.encode_shard import encode_shard
+
         return encode_shard(self._models, task, attempt, self.cfg.clip_threshold)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:

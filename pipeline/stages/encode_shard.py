@@ -19,14 +19,14 @@ import pyarrow as pa
 import torch
 
 from pipeline import storage
-from pipeline.data.images import decode_rgb, to_tensor
+from pipeline.data.image_tensors import to_tensor
+from pipeline.data.images import decode_rgb
 from pipeline.data.loader import ShardSpan, read_span
 from pipeline.data.shards import npy_bytes, write_tar
 from pipeline.engine.ledger import Attempt, ShardResult
 from pipeline.engine.schemas import ENCODED_MANIFEST, validate_table
-from pipeline.engine.tasks import ShardTask
+from pipeline.stages.encode_task import DROP_REASON, EncodeTask
 
-DROP_REASON = "clip_similarity"
 # JPEG decoding and CLIP's resize run here (PIL releases the GIL), so a GPU actor is not bound by one core
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="decode")
 
@@ -93,18 +93,6 @@ class Encoders:
                 ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
                 embeds.append(self.clip.text_embeddings(ids, mask).float().cpu())
         return torch.cat(embeds).numpy()
-
-
-@dataclass(frozen=True)
-class EncodeTask(ShardTask):
-    """Encode one filtered shard."""
-
-    url: str
-    """The filtered shard's tar."""
-    manifest: str
-    """Its parquet manifest."""
-    count: int
-    """Samples it holds (from filter's ledger)."""
 
 
 def encode_shard(models: Encoders, task: EncodeTask, attempt: Attempt, threshold: float | None) -> ShardResult:

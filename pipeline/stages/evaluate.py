@@ -17,7 +17,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,9 +26,11 @@ from pipeline.config.recipe import Recipe
 from pipeline.data.images import png_bytes, tile
 from pipeline.engine.ledger import Attempt
 from pipeline.engine.tasks import ShardTask
-from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.stages.base import RunContext
 from pipeline.stages.generation import GenerationStage, shard_records
+
+if TYPE_CHECKING:  # torch's side: the pool actors import it to draw
+    from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.synthetic import analyzer
 from pipeline.synthetic.dataset import heldout_pairs
 from pipeline.synthetic.prompts import GROUPS, Prompt, evaluation_prompts

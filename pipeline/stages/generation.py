@@ -4,6 +4,7 @@ actor, one shard per prompt, the shard's files written into its attempt."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pipeline import storage
 from pipeline.config.generation import GenerationSection
@@ -11,9 +12,11 @@ from pipeline.engine.ledger import Attempt, Ledger, ShardRecord, ShardResult
 from pipeline.engine.resources import GpuAsk, pool_ask
 from pipeline.engine.tasks import Placement, ShardTask, pool_placement
 from pipeline.errors import InputError
-from pipeline.models.generator import ImageGenerator, SamplingConfig
 from pipeline.stages.base import RunContext, Stage, torch_device
 from pipeline.stages.train import MODEL_FILES, companions
+
+if TYPE_CHECKING:  # torch's side: the pool actors import it to draw
+    from pipeline.models.generator import ImageGenerator, SamplingConfig
 
 
 def shard_records(url: str) -> list[tuple[str, dict]]:
@@ -34,10 +37,14 @@ class GenerationStage(Stage):
         return url
 
     def sampling(self) -> SamplingConfig:
+        from pipeline.models.generator import SamplingConfig
+
         cfg: GenerationSection = self.cfg
         return SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, cfg.seed, cfg.guidance)
 
     def setup(self, placement: Placement) -> None:
+        from pipeline.models.generator import ImageGenerator
+
         device = torch_device(placement)
         paths = companions(self.recipe, self.output_dir)
         self._generator = ImageGenerator.load(self.model_url(), device=device, precision=self.cfg.precision, **paths)

@@ -12,7 +12,6 @@ from pipeline.engine.ledger import Attempt, ShardResult
 from pipeline.engine.resources import GpuAsk, await_gpus, note_unused_gpus, train_ask
 from pipeline.stages.base import RunContext, Stage, StageStatus, TrainingProgress
 from pipeline.train.paths import progress_url
-from pipeline.train.trainer import fit
 
 SHARD = "model"
 
@@ -37,6 +36,8 @@ class ModelStage(Stage):
     def train(self, folder: str, ctx: RunContext, config: dict[str, Any], holdout: int) -> int:
         """Trains `self.task` with the stage's `train` settings; returns the samples trained on.
         A GPU run first makes sure the cluster can give every worker its GPU (or stops in one line)."""
+        from pipeline.train.trainer import fit  # torch, DeepSpeed, Ray Train: only where a stage trains
+
         ask = self.gpu_ask()
         if ask is not None:
             await_gpus(self.name, ask, self.recipe.ray.gpu_wait_s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import UnidentifiedImageError
 
@@ -20,9 +20,11 @@ from pipeline.data.images import decode_rgb, png_bytes, tile
 from pipeline.engine.ledger import Attempt
 from pipeline.engine.tasks import ShardTask
 from pipeline.errors import InputError
-from pipeline.models.generator import ImageGenerator
 from pipeline.stages.base import RunContext
 from pipeline.stages.generation import GenerationStage
+
+if TYPE_CHECKING:  # torch's side: the pool actors import it to draw
+    from pipeline.models.generator import ImageGenerator
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,18 @@ class TrainTask(Protocol):
         """Writes the final weights under `out_url`; returns the file names."""
 
 
+MOVED_TASKS = {
+    "pipeline.stages.dvae:DVAETask": "pipeline.stages.dvae_task:DVAETask",
+    "pipeline.stages.clip:ClipTask": "pipeline.stages.clip_task:ClipTask",
+    "pipeline.stages.train:TransformerTask": "pipeline.stages.train_task:TransformerTask",
+}
+"""Where the tasks a checkpoint's `task.json` names moved (the stage modules lost torch), so that
+checkpoints written before still export and resume."""
+
+
 def load_task(path: str, config: dict[str, Any]) -> TrainTask:
-    module, cls = path.split(":")
+    """The task "module:Class" at `path` (as a checkpoint's `task.json` names it) built from `config`."""
+    module, cls = MOVED_TASKS.get(path, path).split(":")
     return getattr(importlib.import_module(module), cls)(config)
 
 
