@@ -71,10 +71,17 @@ def test_check_recipe_fits():
     with pytest.raises(ClusterError, match="output_dir .* is a local path but the cluster at A has 2 nodes"):
         check_recipe_fits(local, [_node(), _node()], scaling=False, address="A")
     check_recipe_fits(load_recipe(DEMO, ["ray.shared_filesystem=true"]), [_node(), _node()], False, "A")
+    # a head alone that an autoscaler will grow: its workers would write their own disks too
+    with pytest.raises(ClusterError, match="output_dir .* is a local path but an autoscaler may add nodes to the"):
+        check_recipe_fits(local, [_node()], scaling=True, address="A")
+    check_recipe_fits(load_recipe(DEMO, ["ray.shared_filesystem=true"]), [_node()], True, "A")
+    check_recipe_fits(load_recipe(DEMO, ["output_dir=s3://b/x"]), [_node()], True, "A")
+    check_recipe_fits(local, [_node()], scaling=None, address="A")  # not known yet: one node is one node
     gpu = load_recipe(DEMO, ["output_dir=s3://b/x", "transformer.train.use_gpu=true"])
     with pytest.raises(ClusterError, match="asks for 2 GPUs but the cluster at A has 1"):
         check_recipe_fits(gpu, [_node(), _node(1)], scaling=False, address="A")
     check_recipe_fits(gpu, [_node(), _node(1)], scaling=True, address="A")  # the autoscaler may add them
+    check_recipe_fits(gpu, [_node(), _node(1)], scaling=None, address="A")  # it may; the stage bounds its wait
     check_recipe_fits(gpu, [_node(1), _node(1)], scaling=False, address="A")
 
 

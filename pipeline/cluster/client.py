@@ -126,17 +126,17 @@ def alive_nodes(client) -> list[dict[str, Any]]:
     return [n for n in data["result"]["result"] if n["state"] == "ALIVE"]
 
 
-def autoscaling(client, wait_s: float = 20.0) -> bool:
-    """Whether an autoscaler may add nodes to the cluster (so GPUs it lacks now may come). A head
-    started moments ago may not have said yet: asks again for up to `wait_s`, then assumes it may
-    (a GPU stage then bounds its own wait on the cluster, `ray.gpu_wait_s`)."""
+def autoscaling(client, wait_s: float = 20.0) -> bool | None:
+    """Whether an autoscaler may add nodes to the cluster (so GPUs it lacks now may come, and a
+    head alone may grow). A head started moments ago may not have said yet: asks again for up to
+    `wait_s`, then answers None (not known)."""
     deadline = time.monotonic() + wait_s
     while True:
         data = get_json(client, "/api/cluster_status")
         formatted = "" if data.get("clusterStatus") else get_json(client, "/api/cluster_status?format=1")
         answer = autoscaling_status(data, (formatted or {}).get("clusterStatus") or "")
         if answer is not None or time.monotonic() > deadline:
-            return answer is not False
+            return answer
         time.sleep(1.0)
 
 
@@ -194,25 +194,35 @@ def stage_devices(recipe: Recipe) -> dict[str, str]:
     return out
 
 
-def local_output_problem(recipe: Recipe, node_count: int, address: str) -> str | None:
-    """Why a local output_dir cannot work on this many nodes, or None when it can."""
-    if node_count > 1 and storage.is_local(recipe.output_dir) and not recipe.ray.shared_filesystem:
-        return (
-            f"output_dir {recipe.output_dir} is a local path but the cluster at {address} has {node_count} nodes, "
-            "whose workers would each write their own disk; use shared storage (s3://, gs://) or set "
-            "ray.shared_filesystem=true for a folder every node mounts"
-        )
-    return None
+def local_output_problem(recipe: Recipe, node_count: int, address: str, scaling: bool = False) -> str | None:
+    """Why a local output_dir cannot work on this cluster, or None when it can: it has several
+    nodes, or an autoscaler may add them (a cluster that starts as its head alone grows once work
+    is asked for, and every worker it starts writes its own disk)."""
+    if not storage.is_local(recipe.output_dir) or recipe.ray.shared_filesystem:
+        return None
+    if node_count > 1:
+        where = f"the cluster at {address} has {node_count} nodes"
+    elif scaling:
+        where = f"an autoscaler may add nodes to the cluster at {address}"
+    else:
+        return None
+    return (
+        f"output_dir {recipe.output_dir} is a local path but {where}, whose workers would each write "
+        "their own disk; use shared storage (s3://, gs://) or set ray.shared_filesystem=true for a folder "
+        "every node mounts"
+    )
 
 
-def check_recipe_fits(recipe: Recipe, nodes: list[dict[str, Any]], scaling: bool, address: str) -> None:
-    """Refuses a recipe that cannot run on the cluster as it is (one line each)."""
-    problem = local_output_problem(recipe, len(nodes), address)
+def check_recipe_fits(recipe: Recipe, nodes: list[dict[str, Any]], scaling: bool | None, address: str) -> None:
+    """Refuses a recipe that cannot run on the cluster as it is (one line each). `scaling` None
+    (not known): GPUs it lacks may come (a GPU stage bounds its own wait, `ray.gpu_wait_s`), and a
+    local output_dir on one node is let through."""
+    problem = local_output_problem(recipe, len(nodes), address, scaling is True)
     if problem:
         raise ClusterError(problem)
     need, field = gpu_demand(recipe)
     have = sum(n["resources_total"].get("GPU", 0.0) for n in nodes)
-    if need > have and not scaling:
+    if need > have and scaling is False:
         raise ClusterError(
             f"{field} asks for {math.ceil(need)} GPUs but the cluster at {address} has {have:g}; "
             "lower it, or set use_gpu: false / gpus_per_actor: 0 to run on CPUs"
