@@ -32,10 +32,10 @@ CURVES = (
 
 def loss_curves(runs: dict[str, list[dict]]) -> bytes | None:
     """A PNG with one panel per stage that logged metrics (`runs`: stage -> metrics.jsonl lines)."""
-    plt = pyplot()
     panels = [(stage, keys) for stage, keys in CURVES if runs.get(stage)]
     if not panels:
-        return None
+        return None  # (a data-only run: matplotlib is not even imported)
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (stage, keys) in zip(axes[0], panels):
         for key in keys:
