@@ -80,14 +80,14 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def kill_run_when(args: list[str], ready, timeout: float = 240, started=None) -> None:
+def kill_run_when(args: list[str], ready, timeout: float = 240, started=None) -> str:
     """Starts `dalle ARGS` in its own session, waits until `ready()` is true, then SIGKILLs every
     process of that session (the driver, Ray's daemons and workers), as a machine crash would.
     The session's processes are listed ahead and `ready` is polled every millisecond, so the kill
     lands within about a millisecond (inside a short window, such as a checkpoint save).
     `started(session_id)` is called once the run is started (for a `ready` that acts on the run's
-    own processes meanwhile). A run that ends before the kill point fails the test with the tail
-    of what it printed."""
+    own processes meanwhile). Returns what the run printed (stdout and stderr) until the kill; a
+    run that ends before the kill point fails the test with the tail of it."""
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
@@ -114,6 +114,9 @@ def kill_run_when(args: list[str], ready, timeout: float = 240, started=None) ->
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        kill_session(proc)
+        log.seek(0)
+        return log.read().decode(errors="replace")
     finally:
         kill_session(proc)
         log.close()
