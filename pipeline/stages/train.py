@@ -53,6 +53,8 @@ class TrainStage(ModelStage):
         return model_config(plan, self.cfg)
 
     def build(self, attempt: Attempt, ctx: RunContext) -> int:
+        from pipeline.models.weight_files import weight_files  # torch's side, as the task's
+
         config = {
             "model": self.model_config().to_dict(),
             "eval_batch_size": self.cfg.eval_batch_size,
@@ -63,8 +65,6 @@ class TrainStage(ModelStage):
             "models": companions(self.recipe, self.output_dir),
         }
         trained = self.train(attempt.folder, ctx, config, self.cfg.holdout)
-        from pipeline.models.weight_files import weight_files
-
         attempt.adopt(*weight_files(attempt.folder), "config.json", MODELS_FILE)
         return trained
 
